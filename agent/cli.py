@@ -1,0 +1,249 @@
+"""The `dnstls-agent` command: subcommands, argument parsing, output and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from agent import __version__
+from agent.errors import AgentError, UsageError
+from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile
+from agent.probe import probe_many
+from agent.tls import parse_pin
+
+LOG = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_NOT_PRIVATE = 1  # probe: some resolver has no private path the profile accepts
+EXIT_USAGE = 2
+EXIT_FAILURE = 3  # anything else that stopped the command
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0 and <= 3600 seconds")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number")
+    return int(text)
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _pin(text: str) -> str:
+    try:
+        return parse_pin(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _readable_file(text: str) -> str:
+    if not os.access(text, os.R_OK) or not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"cannot read file {text!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one clear line (and exit status 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dnstls-agent",
+        description="Private DNS for machines that get their resolvers from DHCP.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+
+    p = sub.add_parser(
+        "probe",
+        help="probe resolvers for DNS over TLS (port 853, then the STARTTLS upgrade)",
+        description="Probe each resolver for DNS over TLS: TLS on port 853 and the EDNS0 TO "
+        "upgrade on TCP/53, raced happy-eyeballs style. Exit status 0 when every resolver "
+        "has a private path the profile accepts, 1 otherwise.",
+    )
+    p.add_argument(
+        "addresses", nargs="+", type=_ip, metavar="IP", help="resolver address (v4 or v6)"
+    )
+    p.add_argument(
+        "--profile", choices=[x.value for x in Profile], default=Profile.OPPORTUNISTIC.value
+    )
+    p.add_argument(
+        "--pin",
+        action="append",
+        type=_pin,
+        default=[],
+        metavar="SHA256B64",
+        help="accepted SPKI SHA-256 pin (base64, RFC 7858); repeatable",
+    )
+    p.add_argument(
+        "--auth-name", metavar="NAME", help="name the certificate must carry (sent as SNI)"
+    )
+    p.add_argument(
+        "--ca-file", type=_readable_file, metavar="FILE", help="CA bundle (default: the system's)"
+    )
+    p.add_argument("--order", choices=[x.value for x in Order], default=Order.PORT_FIRST.value)
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        default=ProbeSettings.timeout,
+        metavar="S",
+        help="overall deadline per resolver (default %(default)s)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=ProbeSettings.connect_timeout,
+        metavar="S",
+        help="ceiling for one TCP connect (default %(default)s)",
+    )
+    p.add_argument(
+        "--fallback-delay",
+        type=_positive,
+        default=ProbeSettings.fallback_delay,
+        metavar="S",
+        help="start the other path if the first has not connected by then (default %(default)s)",
+    )
+    p.add_argument(
+        "--probe-name",
+        default=ProbeSettings.probe_name,
+        metavar="NAME",
+        help="name queried inside TLS (default %(default)r)",
+    )
+    p.add_argument(
+        "--probe-type",
+        default=ProbeSettings.probe_type,
+        metavar="TYPE",
+        help="type queried inside TLS (default %(default)s)",
+    )
+    p.add_argument("--tls-port", type=_port, default=ProbeSettings.tls_port, metavar="PORT")
+    p.add_argument("--dns-port", type=_port, default=ProbeSettings.dns_port, metavar="PORT")
+    p.add_argument("--no-resumption", action="store_true", help="skip the session-resumption check")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_probe)
+    return parser
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}ms"
+
+
+def _yn(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
+def format_table(results: Sequence[ProbeResult]) -> str:
+    header = (
+        "RESOLVER",
+        "METHOD",
+        "AUTH",
+        "CONNECT",
+        "HANDSHAKE",
+        "ANSWER",
+        "DECIDED",
+        "TLS",
+        "RESUMES",
+        "UDP-TO",
+        "PIN",
+    )
+    rows = [header]
+    for r in results:
+        rows.append(
+            (
+                r.address,
+                r.method.value,
+                r.auth.value if r.auth else "-",
+                _ms(r.timings.connect_ms),
+                _ms(r.timings.handshake_ms),
+                _ms(r.timings.answer_ms),
+                _ms(r.decided_ms),
+                r.tls.version if r.tls else "-",
+                _yn(r.resumption),
+                _yn(r.udp_to_hint),
+                r.tls.pin if r.tls else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    for r in results:
+        for path, why in r.failures.items():
+            lines.append(f"  {r.address} {path}: {why}")
+        if not r.acceptable:
+            lines.append(f"  {r.address}: no private path acceptable under the {r.profile} profile")
+    return "\n".join(lines)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    if args.profile == Profile.STRICT and not (args.pin or args.ca_file or args.auth_name):
+        LOG.info("strict profile without --pin/--ca-file/--auth-name: using the system CA bundle")
+    settings = ProbeSettings(
+        auth=AuthSpec(
+            profile=Profile(args.profile),
+            pins=frozenset(args.pin),
+            auth_name=args.auth_name,
+            ca_file=args.ca_file,
+        ),
+        order=Order(args.order),
+        timeout=args.timeout,
+        connect_timeout=args.connect_timeout,
+        fallback_delay=args.fallback_delay,
+        probe_name=args.probe_name,
+        probe_type=args.probe_type,
+        tls_port=args.tls_port,
+        dns_port=args.dns_port,
+        check_resumption=not args.no_resumption,
+    )
+    results = asyncio.run(probe_many(args.addresses, settings))
+    if args.json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+    else:
+        print(format_table(results))
+    return EXIT_OK if all(r.acceptable for r in results) else EXIT_NOT_PRIVATE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"dnstls-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as exc:
+        print(f"dnstls-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""DNS on the wire: messages and framing (wire.py), connections under a deadline (transport.py)."""

@@ -1,0 +1,171 @@
+"""Frozen values shared by the rooms: profiles, probe settings and probe results."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Profile(StrEnum):
+    """How much privacy is demanded of a resolver (PROTOCOL.md section 3)."""
+
+    OPPORTUNISTIC = "opportunistic"
+    STRICT = "strict"
+
+
+class Order(StrEnum):
+    PORT_FIRST = "port-first"
+    UPGRADE_FIRST = "upgrade-first"
+
+
+class Path(StrEnum):
+    """One way of reaching a resolver that the prober tries."""
+
+    PORT = "port"  # TLS on port 853
+    UPGRADE = "upgrade"  # STARTTLS with the EDNS0 TO flag on TCP/53
+    UDP = "udp"  # the cheap UDP hint
+
+
+class Method(StrEnum):
+    """The best way the resolver could be used, in decreasing order of privacy."""
+
+    TLS_PORT = "tls-port"
+    TLS_UPGRADE = "tls-upgrade"
+    TCP_PLAIN = "tcp-plain"
+    UDP_PLAIN = "udp-plain"
+    UNREACHABLE = "unreachable"
+
+    @property
+    def private(self) -> bool:
+        return self in (Method.TLS_PORT, Method.TLS_UPGRADE)
+
+
+class Auth(StrEnum):
+    """How the server's certificate authenticated, if it did."""
+
+    NONE = "none"  # not authenticated (opportunistic accepts it)
+    PIN = "pin"  # SPKI SHA-256 pin set (RFC 7858 4.2)
+    IP_SAN = "ip-san"  # chain valid and the resolver's IP address is in subjectAltName
+    NAME = "name"  # chain valid and the configured name matches
+
+
+class Failure(StrEnum):
+    """Why a path did not give what it was tried for. Failures are data."""
+
+    REFUSED = "refused"
+    TIMEOUT = "timeout"
+    RESET = "reset"
+    CLOSED = "closed"
+    UNREACHABLE = "unreachable"
+    TLS_HANDSHAKE_FAILED = "tls-handshake-failed"
+    CERT_NOT_AUTHENTICATED = "cert-not-authenticated"
+    NO_UPGRADE = "no-upgrade"  # TO clear in the answer: the server does not upgrade
+    TO_NO_ANSWER = "to-no-answer"  # no answer at all to the TO query
+    TO_HANDSHAKE_FAILED = "to-handshake-failed"  # TO answered but the handshake failed
+    MALFORMED_RESPONSE = "malformed-response"
+    MISMATCHED_RESPONSE = "mismatched-response"
+    ABANDONED = "abandoned"  # stopped because another path already succeeded
+
+
+@dataclass(frozen=True)
+class AuthSpec:
+    """What authenticates a resolver, and how much authentication is demanded.
+
+    Under `strict`, a configured pin set is the authentication (no chain needed,
+    RFC 7858 4.2); without pins the chain must validate against the CA bundle
+    (`ca_file`, else the system's) and the certificate must name the resolver's
+    IP address or `auth_name`. Under `opportunistic` any certificate is accepted
+    and its pin recorded; a matching pin is still reported.
+    """
+
+    profile: Profile = Profile.OPPORTUNISTIC
+    pins: frozenset[str] = frozenset()
+    auth_name: str | None = None
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Knobs of one probe. Ports are configurable for tests and unusual resolvers."""
+
+    auth: AuthSpec = AuthSpec()
+    order: Order = Order.PORT_FIRST
+    timeout: float = 5.0  # the one overall deadline, seconds
+    connect_timeout: float = 3.0  # ceiling for one TCP connect, within the deadline
+    fallback_delay: float = 0.25  # start the other path if the first has not connected by then
+    udp_timeout: float = 1.0
+    probe_name: str = "."
+    probe_type: str = "NS"
+    tls_port: int = 853
+    dns_port: int = 53
+    check_resumption: bool = True
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    version: str
+    cipher: str
+    pin: str  # base64 SHA-256 of the server's SubjectPublicKeyInfo
+    auth: Auth
+    alpn: str | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Milliseconds from the start of the path's own attempt; None when not reached."""
+
+    connect_ms: float | None = None
+    starttls_ms: float | None = None  # the cleartext TO exchange (upgrade path only)
+    handshake_ms: float | None = None
+    answer_ms: float | None = None  # the first real answer (inside TLS when there is TLS)
+
+
+@dataclass(frozen=True)
+class PathOutcome:
+    """What one path achieved, or why it failed."""
+
+    path: Path
+    method: Method  # UNREACHABLE when the path gave nothing usable
+    failure: Failure | None = None
+    detail: str = ""
+    started_ms: float = 0.0  # offset from the start of the probe
+    timings: Timings = Timings()
+    tls: TLSInfo | None = None
+    to_in_response: bool | None = None  # the TO flag seen in the answer (UPGRADE, UDP)
+    rcode: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Everything learnt about one resolver in one probe."""
+
+    address: str
+    profile: Profile
+    method: Method
+    acceptable: bool  # has a private path that the profile accepts
+    auth: Auth | None
+    tls: TLSInfo | None
+    timings: Timings
+    decided_ms: float  # from probe start to the decision
+    total_ms: float
+    resumption: bool | None  # None: not tested (no TLS, or no time left)
+    udp_to_hint: bool | None  # None: no UDP answer
+    paths: tuple[PathOutcome, ...] = field(default=())
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return {
+            p.path.value: f"{p.failure.value}: {p.detail}" if p.detail else p.failure.value
+            for p in self.paths
+            if p.failure is not None
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = dataclasses.asdict(self)
+        data["failures"] = self.failures
+        return data

@@ -1,0 +1,124 @@
+"""Throw-away network namespaces joined by a veth pair, in the documentation ranges only.
+
+    srv: 198.51.100.1/24 and .2/24, 2001:db8::1/64 and ::2/64  (the "network" side)
+    cli: 198.51.100.100/24, 2001:db8::100/64                     (the "machine" side)
+
+Everything is torn down on exit, also when a test fails: processes first (by PID),
+then the namespaces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from tests.lab.proc import Process, need
+
+SRV_IPS = ("198.51.100.1", "198.51.100.2")
+SRV_IP6S = ("2001:db8::1", "2001:db8::2")
+CLI_IP = "198.51.100.100"
+CLI_IP6 = "2001:db8::100"
+_counter = itertools.count()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run([need("ip"), *args], check=True, capture_output=True, text=True)
+
+
+class Netns:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        _ip("netns", "add", name)
+        _ip("-n", name, "link", "set", "lo", "up")
+        self.processes: list[Process] = []
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return [need("ip"), "netns", "exec", self.name, *argv]
+
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(argv), capture_output=True, text=True, timeout=timeout, check=check, cwd=REPO
+        )
+
+    def start(self, argv: Sequence[str], log: Path) -> Process:
+        proc = Process(self.argv(argv), log, env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.processes.append(proc)
+        return proc
+
+    def python(self, *args: str) -> list[str]:
+        return [sys.executable, *args]
+
+    def nft(self, ruleset: str) -> None:
+        subprocess.run(
+            self.argv([need("nft"), "-f", "-"]),
+            input=ruleset,
+            text=True,
+            check=True,
+            capture_output=True,
+        )
+
+    def delete(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        subprocess.run([need("ip"), "netns", "del", self.name], capture_output=True, check=False)
+
+
+class Lab:
+    """Two namespaces and a veth pair; use as a context manager."""
+
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}{next(_counter)}"
+        self.tag = tag
+        self.srv: Netns | None = None
+        self.cli: Netns | None = None
+
+    def __enter__(self) -> Lab:
+        try:
+            self.srv = Netns(f"dta-srv-{self.tag}")
+            self.cli = Netns(f"dta-cli-{self.tag}")
+            v_srv, v_cli = f"dtas{self.tag}"[:15], f"dtac{self.tag}"[:15]
+            _ip(
+                "link",
+                "add",
+                v_srv,
+                "netns",
+                self.srv.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                v_cli,
+                "netns",
+                self.cli.name,
+            )
+            for ip in SRV_IPS:
+                _ip("-n", self.srv.name, "addr", "add", f"{ip}/24", "dev", v_srv)
+            for ip6 in SRV_IP6S:
+                _ip("-n", self.srv.name, "addr", "add", f"{ip6}/64", "dev", v_srv, "nodad")
+            _ip("-n", self.cli.name, "addr", "add", f"{CLI_IP}/24", "dev", v_cli)
+            _ip("-n", self.cli.name, "addr", "add", f"{CLI_IP6}/64", "dev", v_cli, "nodad")
+            _ip("-n", self.srv.name, "link", "set", v_srv, "up")
+            _ip("-n", self.cli.name, "link", "set", v_cli, "up")
+            self.veth_srv = v_srv
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for ns in (self.cli, self.srv):
+            if ns is not None:
+                ns.delete()
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

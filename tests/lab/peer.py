@@ -1,0 +1,464 @@
+"""The test peer: an asyncio DNS server that speaks both halves of DNS over TLS.
+
+Plain DNS on one port (UDP and TCP, with the STARTTLS upgrade on TCP: answer the
+STARTTLS/CH/TXT dummy with TO set, then TLS on the same socket), TLS on another
+port, and a set of faults to misbehave on demand like a broken server or a
+middlebox. It records every query it sees, and how it came, so tests can check
+on the server side what crossed the wire in cleartext.
+
+Run standalone (inside a namespace, for the demo and benchmarks):
+    python -m tests.lab.peer --host 198.51.100.1 --dns-port 53 --tls-port 853 --cert C --key K
+It prints one JSON line with the bound ports once it is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import struct
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from agent.dns.wire import TO_FLAG, FrameReader, frame, has_to
+from tests.lab.netns import REPO, Netns
+from tests.lab.proc import Process
+
+LOG = logging.getLogger(__name__)
+
+PEER_A = "198.51.100.7"
+WHOAMI = "dnstls-test-peer"
+
+
+class Fault(StrEnum):
+    NO_TO_ANSWER = "no-to-answer"  # never answer a TCP query that carries TO
+    STRIP_TO = "strip-to"  # answer the dummy with TO clear, like a middlebox stripping it
+    RESET_AFTER_TO = "reset-after-to"  # answer with TO, then reset the connection
+    GARBAGE_AFTER_TO = "garbage-after-to"  # answer with TO, then speak no TLS
+    SLOW = "slow"  # every answer waits `delay` seconds
+    TRUNCATED = "truncated"  # answers cut short (frame promises more), then close
+    MISMATCHED = "mismatched"  # answers carry another message ID
+    BLACKHOLE_TLS = "blackhole-tls"  # TLS port swallows SYNs: no SYN-ACK ever
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One query as the peer received it."""
+
+    via: str  # udp | tcp | tls-port | tls-upgrade
+    qname: str
+    qtype: str
+    qclass: str
+    to: bool
+    padded: bool
+
+
+@dataclass
+class PeerConfig:
+    host: str = "127.0.0.1"
+    dns_port: int = 0  # 0: any free port
+    tls_port: int | None = 0  # None: nothing listens (connections are refused)
+    cert: Path | None = None
+    key: Path | None = None
+    upgrade: bool = True  # speak the upgrade side on TCP
+    udp_to: bool = False  # advertise TO in UDP answers
+    faults: frozenset[Fault] = frozenset()
+    delay: float = 0.0  # for Fault.SLOW
+
+
+class Blackhole:
+    """A listening TCP port whose accept queue is kept full: new SYNs are dropped.
+
+    Looks like a firewall DROP to a client (no SYN-ACK, no RST), without root.
+    """
+
+    def __init__(self, host: str, port: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self._fillers: list[socket.socket] = []
+        for _ in range(2):  # backlog 0 admits one; the second waits in SYN-SENT forever
+            filler = socket.socket(family, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((host, self.port))
+            self._fillers.append(filler)
+
+    def close(self) -> None:
+        for s in [*self._fillers, self.sock]:
+            s.close()
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.set_alpn_protocols(["dot"])
+    return ctx
+
+
+def answer(query: dns.message.Message, *, to: bool) -> dns.message.Message:
+    """The peer's tiny zone. Names starting `delay-N.` are answered after N ms."""
+    response = dns.message.make_response(query)
+    response.flags |= dns.flags.AA
+    if query.edns >= 0:
+        response.use_edns(0, TO_FLAG if to else 0, 1232)
+    if not query.question:
+        response.set_rcode(dns.rcode.FORMERR)
+        return response
+    q = query.question[0]
+    name = q.name.to_text().lower()
+    if q.rdclass == dns.rdataclass.CH and q.rdtype == dns.rdatatype.TXT:
+        if name == "starttls.":
+            text = '"STARTTLS"' if to else '"NO_TLS"'
+            response.answer.append(dns.rrset.from_text(q.name, 0, "CH", "TXT", text))
+        else:
+            response.set_rcode(dns.rcode.REFUSED)
+    elif name == "." and q.rdtype == dns.rdatatype.NS:
+        response.answer.append(dns.rrset.from_text(q.name, 60, "IN", "NS", "ns.test."))
+    elif q.rdtype == dns.rdatatype.A:
+        response.answer.append(dns.rrset.from_text(q.name, 60, "IN", "A", PEER_A))
+    elif q.rdtype == dns.rdatatype.TXT and name.startswith("whoami."):
+        response.answer.append(dns.rrset.from_text(q.name, 0, "IN", "TXT", f'"{WHOAMI}"'))
+    else:
+        response.set_rcode(dns.rcode.NXDOMAIN)
+    return response
+
+
+def _delay_of(query: dns.message.Message) -> float:
+    if query.question:
+        first = query.question[0].name.labels[0] if query.question[0].name.labels else b""
+        if first.startswith(b"delay-") and first[6:].isdigit():
+            return int(first[6:]) / 1000
+    return 0.0
+
+
+class Peer:
+    """The peer's servers; start() binds them, stop() closes them and every connection."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.seen: list[Seen] = []
+        self.tls_ctx: ssl.SSLContext | None = None
+        if config.cert and config.key:
+            self.tls_ctx = server_context(config.cert, config.key)
+        self.dns_port = 0
+        self.tls_port: int | None = None
+        self.connections = 0
+        self.handshakes = 0
+        self._servers: list[asyncio.AbstractServer] = []
+        self._udp: asyncio.DatagramTransport | None = None
+        self._blackhole: Blackhole | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ----------------------------------------------------------
+    async def start(self) -> Peer:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        tcp = await asyncio.start_server(self._on_plain, cfg.host, cfg.dns_port, reuse_address=True)
+        self._servers.append(tcp)
+        self.dns_port = tcp.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UDP(self), local_addr=(cfg.host, self.dns_port)
+        )
+        self._udp = transport
+        if cfg.tls_port is not None:
+            if Fault.BLACKHOLE_TLS in cfg.faults:
+                self._blackhole = Blackhole(cfg.host, cfg.tls_port)
+                self.tls_port = self._blackhole.port
+            else:
+                if self.tls_ctx is None:
+                    raise ValueError("a TLS port needs cert and key")
+                tls = await asyncio.start_server(
+                    self._on_tls,
+                    cfg.host,
+                    cfg.tls_port,
+                    ssl=self.tls_ctx,
+                    reuse_address=True,
+                    ssl_handshake_timeout=5,
+                )
+                self._servers.append(tls)
+                self.tls_port = tls.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
+        if self._udp:
+            self._udp.close()
+        if self._blackhole:
+            self._blackhole.close()
+
+    async def __aenter__(self) -> Peer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- helpers ------------------------------------------------------------
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _record(self, via: str, query: dns.message.Message) -> None:
+        q = query.question[0] if query.question else None
+        padded = query.edns >= 0 and any(o.otype == 12 for o in query.options)
+        self.seen.append(
+            Seen(
+                via=via,
+                qname=q.name.to_text() if q is not None else "",
+                qtype=dns.rdatatype.to_text(q.rdtype) if q is not None else "",
+                qclass=dns.rdataclass.to_text(q.rdclass) if q is not None else "",
+                to=has_to(query),
+                padded=padded,
+            )
+        )
+
+    def _wire(self, response: dns.message.Message) -> bytes:
+        if Fault.MISMATCHED in self.config.faults:
+            response.id ^= 0x5A5A
+        return response.to_wire()
+
+    async def _pause(self, query: dns.message.Message) -> None:
+        wait = _delay_of(query) + (self.config.delay if Fault.SLOW in self.config.faults else 0)
+        if wait:
+            await asyncio.sleep(wait)
+
+    # -- UDP ----------------------------------------------------------------
+    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:  # a test peer ignores junk, like a server would
+            return
+        self._record("udp", query)
+        to = self.config.udp_to and has_to(query)
+        wire = self._wire(answer(query, to=to))
+        if Fault.TRUNCATED in self.config.faults:
+            wire = wire[: len(wire) // 2]
+        task = asyncio.get_running_loop().create_task(self._udp_reply(query, wire, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _udp_reply(
+        self, query: dns.message.Message, wire: bytes, addr: tuple[str, int]
+    ) -> None:
+        await self._pause(query)
+        if self._udp is not None and not self._udp.is_closing():
+            self._udp.sendto(wire, addr)
+
+    # -- TCP and TLS --------------------------------------------------------
+    async def _on_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track()
+        self.connections += 1
+        self.handshakes += 1
+        await self._serve(reader, writer, "tls-port", [])
+
+    async def _on_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track()
+        self.connections += 1
+        cfg = self.config
+        frames = FrameReader()
+        first: list[bytes] = []
+        try:
+            while not first:
+                data = await reader.read(65535)
+                if not data:
+                    return
+                first = frames.feed(data)
+            query = dns.message.from_wire(first[0])
+        except Exception:
+            writer.close()
+            return
+        self._record("tcp", query)
+        if not has_to(query):  # plain DNS over TCP from the first message on
+            await self._serve(reader, writer, "tcp", first)
+            return
+        if Fault.NO_TO_ANSWER in cfg.faults:
+            with contextlib.suppress(Exception):
+                while await reader.read(65535):
+                    pass
+            return
+        upgrade = cfg.upgrade and self.tls_ctx is not None and Fault.STRIP_TO not in cfg.faults
+        await self._pause(query)
+        wire = self._wire(answer(query, to=upgrade))
+        if not upgrade:
+            writer.write(frame(wire))
+            await self._serve(reader, writer, "tcp", first[1:])
+            return
+        typing.cast(
+            asyncio.Transport, writer.transport
+        ).pause_reading()  # the ClientHello must reach TLS, not this reader
+        writer.write(frame(wire))
+        if Fault.RESET_AFTER_TO in cfg.faults:
+            await writer.drain()
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        if Fault.GARBAGE_AFTER_TO in cfg.faults:  # a middlebox that passes no TLS
+            typing.cast(asyncio.Transport, writer.transport).resume_reading()
+            with contextlib.suppress(OSError):
+                await reader.read(65535)  # the ClientHello
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        assert self.tls_ctx is not None
+        try:
+            await writer.start_tls(self.tls_ctx, ssl_handshake_timeout=5)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            LOG.debug("upgrade handshake failed: %s", exc)
+            writer.close()
+            return
+        self.handshakes += 1
+        await self._serve(reader, writer, "tls-upgrade", [])
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        via: str,
+        backlog: list[bytes],
+    ) -> None:
+        """Answer framed queries, pipelined: each in its own task, written when ready."""
+        frames = FrameReader()
+        pending = list(backlog)
+        answering: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                for wire in pending:
+                    try:
+                        query = dns.message.from_wire(wire)
+                    except Exception:
+                        return
+                    self._record(via, query)
+                    task = asyncio.create_task(self._answer_tcp(writer, query))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
+                data = await reader.read(65535)
+                if not data:
+                    break
+                pending = frames.feed(data)
+            await asyncio.gather(*answering, return_exceptions=True)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            for task in answering:
+                task.cancel()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1)
+
+    async def _answer_tcp(self, writer: asyncio.StreamWriter, query: dns.message.Message) -> None:
+        await self._pause(query)
+        wire = self._wire(answer(query, to=False))
+        if writer.is_closing():
+            return
+        if Fault.TRUNCATED in self.config.faults:
+            writer.write(frame(wire)[: len(wire) // 2])
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(frame(wire))
+
+
+class _UDP(asyncio.DatagramProtocol):
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.peer.on_datagram(data, addr)
+
+
+async def _main(args: argparse.Namespace) -> None:
+    config = PeerConfig(
+        host=args.host,
+        dns_port=args.dns_port,
+        tls_port=None if args.tls_port < 0 else args.tls_port,
+        cert=args.cert,
+        key=args.key,
+        upgrade=not args.no_upgrade,
+        udp_to=args.udp_to,
+        faults=frozenset(Fault(f) for f in args.fault),
+        delay=args.delay,
+    )
+    peer = await Peer(config).start()
+    print(json.dumps({"dns_port": peer.dns_port, "tls_port": peer.tls_port}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await peer.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.lab.peer", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--dns-port", type=int, default=0)
+    parser.add_argument("--tls-port", type=int, default=0, help="-1: no TLS listener")
+    parser.add_argument("--cert", type=Path)
+    parser.add_argument("--key", type=Path)
+    parser.add_argument("--no-upgrade", action="store_true")
+    parser.add_argument("--udp-to", action="store_true")
+    parser.add_argument("--fault", action="append", default=[], choices=[f.value for f in Fault])
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    main()
+
+
+def spawn(
+    log: Path, *args: str, netns: Netns | None = None, timeout: float = 10
+) -> tuple[Process, dict[str, int]]:
+    """Run the peer as its own process (in `netns` if given); wait until it has bound."""
+    argv = [sys.executable, "-m", "tests.lab.peer", *args]
+    if netns is not None:
+        proc = netns.start(argv, log)
+    else:
+        proc = Process(argv, log, env={**os.environ, "PYTHONPATH": str(REPO)})
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                ports: dict[str, int] = json.loads(line)
+                return proc, ports
+        if not proc.alive():
+            break
+        time.sleep(0.02)
+    proc.stop()
+    raise RuntimeError(f"test peer did not start; log:\n{proc.tail()}")

@@ -1,0 +1,79 @@
+"""Processes the lab starts: started with a known argv, stopped by PID, never by name."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class Missing(RuntimeError):
+    """A program the lab needs is not installed."""
+
+
+def need(program: str) -> str:
+    path = shutil.which(program) or next(
+        (p for d in ("/usr/sbin", "/sbin") if os.access(p := f"{d}/{program}", os.X_OK)), None
+    )
+    if path is None:
+        raise Missing(f"{program} is not installed (scripts/dev setup installs it)")
+    return path
+
+
+class Process:
+    """A child process with its log file; `stop()` is idempotent."""
+
+    def __init__(
+        self, argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None
+    ) -> None:
+        self.argv = list(argv)
+        self.log = log
+        self._logf = log.open("ab")
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if ready():
+                return
+            if not self.alive():
+                raise RuntimeError(
+                    f"{what}: process exited ({self.popen.returncode}); log:\n{self.tail()}"
+                )
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"{what}: not ready after {timeout}s; log:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        self._logf.close()
