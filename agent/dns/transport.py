@@ -146,7 +146,9 @@ class Connection:
             ) from exc
         except ssl.SSLError as exc:
             raise TLSHandshakeFailed(f"TLS handshake failed: {_ssl_reason(exc)}") from exc
-        except (Reset, Closed) as exc:
+        except Reset as exc:  # e.g. a middlebox that kills TLS with an RST
+            raise Reset("connection reset during the TLS handshake") from exc
+        except Closed as exc:
             raise TLSHandshakeFailed(f"TLS handshake failed: {exc.detail}") from exc
         return tls
 

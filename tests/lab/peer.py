@@ -52,6 +52,7 @@ WHOAMI = "dnstls-test-peer"
 class Fault(StrEnum):
     NO_TO_ANSWER = "no-to-answer"  # never answer a TCP query that carries TO
     STRIP_TO = "strip-to"  # answer the dummy with TO clear, like a middlebox stripping it
+    RESET = "reset"  # reset every TCP connection (both ports) as soon as it is accepted
     RESET_AFTER_TO = "reset-after-to"  # answer with TO, then reset the connection
     GARBAGE_AFTER_TO = "garbage-after-to"  # answer with TO, then speak no TLS
     SLOW = "slow"  # every answer waits `delay` seconds
@@ -191,13 +192,14 @@ class Peer:
             else:
                 if self.tls_ctx is None:
                     raise ValueError("a TLS port needs cert and key")
+                resets = Fault.RESET in cfg.faults
                 tls = await asyncio.start_server(
                     self._on_tls,
                     cfg.host,
                     cfg.tls_port,
-                    ssl=self.tls_ctx,
+                    ssl=None if resets else self.tls_ctx,
                     reuse_address=True,
-                    ssl_handshake_timeout=5,
+                    ssl_handshake_timeout=None if resets else 5,
                 )
                 self._servers.append(tls)
                 self.tls_port = tls.sockets[0].getsockname()[1]
@@ -280,12 +282,18 @@ class Peer:
     async def _on_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._track()
         self.connections += 1
+        if Fault.RESET in self.config.faults:
+            _reset(writer)
+            return
         self.handshakes += 1
         await self._serve(reader, writer, "tls-port", [])
 
     async def _on_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._track()
         self.connections += 1
+        if Fault.RESET in self.config.faults:
+            _reset(writer)
+            return
         cfg = self.config
         frames = FrameReader()
         first: list[bytes] = []
@@ -321,9 +329,7 @@ class Peer:
         writer.write(frame(wire))
         if Fault.RESET_AFTER_TO in cfg.faults:
             await writer.drain()
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            _reset(writer)
             return
         if Fault.GARBAGE_AFTER_TO in cfg.faults:  # a middlebox that passes no TLS
             typing.cast(asyncio.Transport, writer.transport).resume_reading()
@@ -390,6 +396,13 @@ class Peer:
             writer.close()
             return
         writer.write(frame(wire))
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with an RST instead of a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 class _UDP(asyncio.DatagramProtocol):

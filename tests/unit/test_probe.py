@@ -286,6 +286,16 @@ def test_to_answered_then_handshake_fails(certs: Certs, fault: Fault, detail: st
     deadline_held(r)
 
 
+def test_reset_connections(certs: Certs) -> None:
+    r, _ = probe_peer(peer(certs.good, Fault.RESET))
+    assert r.method is Method.UDP_PLAIN and not r.acceptable
+    port, upgrade = path(r, Path.PORT), path(r, Path.UPGRADE)
+    assert port.failure is Failure.RESET
+    assert port.timings.connect_ms is not None  # it was the handshake that got reset
+    assert upgrade.failure is Failure.RESET
+    deadline_held(r)
+
+
 def test_slow_server_times_out_within_deadline(certs: Certs) -> None:
     r, _ = probe_peer(peer(certs.good, Fault.SLOW, delay=5.0))
     assert r.method is Method.UNREACHABLE
