@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from agent import __version__
 from agent.errors import AgentError, UsageError
-from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile
+from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile, UpstreamSpec
 from agent.probe import probe_many
 from agent.tls import parse_pin
+from agent.tunnel import Tunnel, TunnelConfig
+from agent.tunnel.forwarder import DEFAULT_LISTEN
 
 LOG = logging.getLogger(__name__)
 
@@ -148,7 +152,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resumption", action="store_true", help="skip the session-resumption check")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_probe)
+
+    t = sub.add_parser(
+        "tunnel",
+        help="run the local TLS tunnel alone, in the foreground",
+        description="Forward DNS from loopback to the given upstreams, in their order, over "
+        "long-lived pipelined TLS. UPSTREAM is [tls:|upgrade:|tcp:]ADDR[@PORT][#NAME]: TLS on "
+        "853 (default), the STARTTLS upgrade on 53, or plain TCP (opportunistic only); NAME is "
+        "the name to authenticate (and SNI). Ctrl-C stops it; SIGUSR1 logs its statistics.",
+    )
+    t.add_argument(
+        "--upstream",
+        action="append",
+        required=True,
+        type=_upstream,
+        metavar="UPSTREAM",
+        help="an upstream, in order of preference; repeatable",
+    )
+    t.add_argument(
+        "--listen",
+        action="append",
+        type=_listen,
+        metavar="ADDR[:PORT]",
+        help="where to listen, UDP and TCP (default 127.0.0.153:53); repeatable",
+    )
+    t.add_argument(
+        "--profile", choices=[x.value for x in Profile], default=Profile.OPPORTUNISTIC.value
+    )
+    t.add_argument(
+        "--pin",
+        action="append",
+        type=_pin,
+        default=[],
+        metavar="SHA256B64",
+        help="SPKI pin accepted for every upstream (strict); repeatable",
+    )
+    t.add_argument(
+        "--ca-file", type=_readable_file, metavar="FILE", help="CA bundle (default: the system's)"
+    )
+    t.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        default=TunnelConfig.idle_timeout,
+        metavar="S",
+        help="close an idle upstream connection after S seconds (default %(default)s)",
+    )
+    t.add_argument(
+        "--connect-timeout", type=_positive, default=TunnelConfig.connect_timeout, metavar="S"
+    )
+    t.add_argument(
+        "--query-timeout",
+        type=_positive,
+        default=TunnelConfig.query_timeout,
+        metavar="S",
+        help="answer SERVFAIL when no answer came within S seconds (default %(default)s)",
+    )
+    t.add_argument("--no-fastopen", action="store_true", help="no TCP Fast Open to upstreams")
+    t.add_argument("--no-padding", action="store_true", help="do not pad queries (RFC 8467)")
+    t.add_argument(
+        "--no-uvloop",
+        action="store_true",
+        help="use asyncio's own loop even if uvloop is installed",
+    )
+    t.set_defaults(func=cmd_tunnel)
     return parser
+
+
+def _upstream(text: str) -> UpstreamSpec:
+    try:
+        return UpstreamSpec.parse(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":") or "53"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not an IP address") from None
+    return host, _port(port) if port != "0" else 0
 
 
 def _ms(v: float | None) -> str:
@@ -228,6 +316,55 @@ def cmd_probe(args: argparse.Namespace) -> int:
     else:
         print(format_table(results))
     return EXIT_OK if all(r.acceptable for r in results) else EXIT_NOT_PRIVATE
+
+
+def cmd_tunnel(args: argparse.Namespace) -> int:
+    pins = frozenset(args.pin)
+    specs = tuple(dataclasses.replace(u, pins=pins) for u in args.upstream)
+    cfg = TunnelConfig(
+        upstreams=specs,
+        profile=Profile(args.profile),
+        ca_file=args.ca_file,
+        listen=tuple(args.listen or DEFAULT_LISTEN),
+        idle_timeout=args.idle_timeout,
+        connect_timeout=args.connect_timeout,
+        query_timeout=args.query_timeout,
+        fastopen=not args.no_fastopen,
+        pad=not args.no_padding,
+    )
+    loop_factory = None
+    if not args.no_uvloop:
+        try:
+            import uvloop  # noqa: PLC0415 - optional
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            LOG.debug("uvloop is not installed; using asyncio's loop")
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_run_tunnel(cfg))
+    return EXIT_OK
+
+
+async def _run_tunnel(cfg: TunnelConfig) -> None:
+    tunnel = Tunnel(cfg)
+    await tunnel.start()
+    print(
+        f"dnstls-agent tunnel: listening on {', '.join(f'{h}:{p}' for h, p in tunnel.addresses)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(
+        signal.SIGUSR1, lambda: LOG.warning("statistics: %s", json.dumps(tunnel.status()))
+    )
+    try:
+        await stop.wait()
+    finally:
+        LOG.info("statistics: %s", json.dumps(tunnel.status()))
+        await tunnel.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,9 +48,16 @@ class TLSHandshakeFailed(TransportError):
 
 
 class CertificateRejected(TransportError):
-    """The handshake completed (or failed on verification) but the peer did not authenticate."""
+    """The handshake completed (or failed on verification) but the peer did not authenticate.
+
+    `tls` carries what the server showed (a model.TLSInfo), when the handshake completed.
+    """
 
     reason = "cert-not-authenticated"
+
+    def __init__(self, detail: str = "", tls: object | None = None) -> None:
+        super().__init__(detail)
+        self.tls = tls
 
 
 class MalformedMessage(TransportError):

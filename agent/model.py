@@ -6,7 +6,9 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
+
+from agent.errors import UsageError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -14,8 +16,17 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 class Profile(StrEnum):
     """How much privacy is demanded of a resolver (PROTOCOL.md section 3)."""
 
-    OPPORTUNISTIC = "opportunistic"
-    STRICT = "strict"
+    OPPORTUNISTIC = "opportunistic"  # TLS when possible, any certificate; cleartext fallback
+    ENCRYPTED = "encrypted"  # TLS required, any certificate; never cleartext
+    STRICT = "strict"  # TLS required and authenticated; never cleartext
+
+    @property
+    def allows_cleartext(self) -> bool:
+        return self is Profile.OPPORTUNISTIC
+
+    @property
+    def requires_auth(self) -> bool:
+        return self is Profile.STRICT
 
 
 class Order(StrEnum):
@@ -87,6 +98,58 @@ class AuthSpec:
     pins: frozenset[str] = frozenset()
     auth_name: str | None = None
     ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One resolver as the tunnel is told to reach it (the order of a list is the caller's)."""
+
+    address: str
+    method: Method = Method.TLS_PORT  # TLS_PORT, TLS_UPGRADE or, opportunistic only, TCP_PLAIN
+    port: int = 853
+    auth_name: str | None = None
+    pins: frozenset[str] = frozenset()
+
+    @property
+    def private(self) -> bool:
+        return self.method.private
+
+    SCHEMES: ClassVar[dict[str, tuple[Method, int]]] = {
+        "tls": (Method.TLS_PORT, 853),
+        "upgrade": (Method.TLS_UPGRADE, 53),
+        "tcp": (Method.TCP_PLAIN, 53),
+    }
+
+    @classmethod
+    def parse(cls, text: str, *, pins: frozenset[str] = frozenset()) -> UpstreamSpec:
+        """`[tls:|upgrade:|tcp:]ADDR[@PORT][#NAME]`; IPv6 may be bracketed."""
+        rest = text.strip()
+        method, port = Method.TLS_PORT, 853
+        scheme, sep, after = rest.partition(":")
+        if sep and scheme in cls.SCHEMES and not after.startswith(":"):
+            method, port = cls.SCHEMES[scheme]
+            rest = after.lstrip("/")
+        rest, _, name = rest.partition("#")
+        host, at, port_text = rest.rpartition("@")
+        if not at:
+            host, port_text = rest, ""
+        host = host.strip("[]")
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise UsageError(f"upstream {text!r}: {host!r} is not an IP address") from None
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise UsageError(f"upstream {text!r}: {port_text!r} is not a port")
+            port = int(port_text)
+        if name and not all(label and len(label) < 64 for label in name.rstrip(".").split(".")):
+            raise UsageError(f"upstream {text!r}: {name!r} is not a host name")
+        return cls(address, method, port, name or None, pins)
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        name = f"#{self.auth_name}" if self.auth_name else ""
+        return f"{self.method.value}:{host}@{self.port}{name}"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ are recorded as data and never raised.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import logging
 import socket
@@ -18,7 +17,7 @@ import ssl
 from collections.abc import Iterable
 
 from agent.dns import wire
-from agent.dns.transport import Connection, family_of, os_errors
+from agent.dns.transport import Connection, family_of, os_errors, starttls
 from agent.errors import (
     CertificateRejected,
     Closed,
@@ -43,7 +42,7 @@ from agent.model import (
     Timings,
     TLSInfo,
 )
-from agent.tls import accepted, authenticate, client_context, needs_chain_validation, spki_pin
+from agent.tls import check_peer, context_for
 
 LOG = logging.getLogger(__name__)
 
@@ -66,11 +65,6 @@ def failure_of(exc: TransportError) -> Failure:
         if cls in _FAILURE_OF:
             return _FAILURE_OF[cls]
     return Failure.UNREACHABLE
-
-
-@functools.lru_cache(maxsize=16)
-def _context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
-    return client_context(verify=verify, ca_file=ca_file)
 
 
 class _Trace:
@@ -129,22 +123,17 @@ async def _handshake(
     session: ssl.SSLSession | None = None,
 ) -> bool:
     """TLS on `conn`, then authentication per profile. Returns whether the session resumed."""
-    verify = needs_chain_validation(spec)
     tls = await conn.start_tls(
-        _context(verify, spec.ca_file), deadline, server_hostname=spec.auth_name, session=session
+        context_for(spec), deadline, server_hostname=spec.auth_name, session=session
     )
     trace.mark("handshake")
     if session is not None and tls.session_reused:
         return True
     try:
-        cert = tls.peer_cert()
-        auth, why = authenticate(cert, address, spec, chain_valid=verify)
-        pin = spki_pin(cert)
-    except (ssl.SSLError, ValueError) as exc:
-        raise CertificateRejected(f"unusable server certificate: {exc}") from exc
-    trace.tls = TLSInfo(version=tls.version, cipher=tls.cipher, pin=pin, auth=auth, alpn=tls.alpn)
-    if not accepted(auth, spec):
-        raise CertificateRejected(why)
+        trace.tls = check_peer(tls, address, spec)
+    except CertificateRejected as exc:
+        trace.tls = exc.tls if isinstance(exc.tls, TLSInfo) else None
+        raise
     return tls.session_reused
 
 
@@ -166,16 +155,13 @@ async def _real_query(
 
 
 async def _starttls(conn: Connection, deadline: float, trace: _Trace) -> bool:
-    """Send the STARTTLS dummy with TO and wait for its answer; True when TO came back set."""
-    query = wire.starttls_query()
-    await conn.send_message(query.to_wire(), deadline)
+    """The cleartext TO exchange; True when TO came back set."""
     try:
-        answer = await conn.recv_message(deadline)
+        response = await starttls(conn, deadline)
     except Timeout as exc:
         raise _NoToAnswer(
             "no answer to the TO query (a middlebox dropping unknown flags?)"
         ) from exc
-    response = wire.parse_response(answer, query)
     trace.mark("starttls")
     trace.rcode = wire.rcode_text(response)
     trace.to_in_response = wire.has_to(response)

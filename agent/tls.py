@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -19,8 +20,8 @@ import ssl
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import UsageError
-from agent.model import Auth, AuthSpec, IPAddress, Profile
+from agent.errors import CertificateRejected, UsageError
+from agent.model import Auth, AuthSpec, IPAddress, Profile, TLSInfo
 
 LOG = logging.getLogger(__name__)
 
@@ -52,6 +53,34 @@ def client_context(*, verify: bool, ca_file: str | None = None) -> ssl.SSLContex
 def needs_chain_validation(spec: AuthSpec) -> bool:
     """Strict without pins authenticates through the CA chain."""
     return spec.profile is Profile.STRICT and not spec.pins
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_context(verify: bool, ca_file: str | None) -> ssl.SSLContext:
+    return client_context(verify=verify, ca_file=ca_file)
+
+
+def context_for(spec: AuthSpec) -> ssl.SSLContext:
+    """The (shared, cached) client context for a resolver's AuthSpec.
+
+    Shared contexts matter: OpenSSL keeps its client session cache per context.
+    """
+    return _cached_context(needs_chain_validation(spec), spec.ca_file)
+
+
+def check_peer(tls: TLSEngine, address: str, spec: AuthSpec) -> TLSInfo:
+    """After the handshake: how the server authenticated; raises CertificateRejected
+    when the profile does not accept it (nothing must be sent to it then)."""
+    try:
+        cert = tls.peer_cert()
+        auth, why = authenticate(cert, address, spec, chain_valid=needs_chain_validation(spec))
+        pin = spki_pin(cert)
+    except (ssl.SSLError, ValueError) as exc:
+        raise CertificateRejected(f"unusable server certificate: {exc}") from exc
+    info = TLSInfo(version=tls.version, cipher=tls.cipher, pin=pin, auth=auth, alpn=tls.alpn)
+    if not accepted(auth, spec):
+        raise CertificateRejected(why, info)
+    return info
 
 
 def spki_pin(cert_der: bytes) -> str:
@@ -142,7 +171,7 @@ def authenticate(
 
 def accepted(auth: Auth, spec: AuthSpec) -> bool:
     """Whether the profile accepts a TLS session authenticated by `auth`."""
-    return spec.profile is Profile.OPPORTUNISTIC or auth is not Auth.NONE
+    return not spec.profile.requires_auth or auth is not Auth.NONE
 
 
 class TLSEngine:

@@ -16,7 +16,9 @@ import socket
 import ssl
 from collections.abc import Iterator
 
-from agent.dns.wire import FrameReader, frame
+import dns.message
+
+from agent.dns.wire import FrameReader, frame, parse_response, starttls_query
 from agent.errors import (
     CertificateRejected,
     Closed,
@@ -194,6 +196,17 @@ class Connection:
                 with contextlib.suppress(OSError):
                     self.sock.send(out)
         self.sock.close()
+
+
+async def starttls(conn: Connection, deadline: float) -> dns.message.Message:
+    """Send the STARTTLS/CH/TXT dummy with TO set and return the checked answer.
+
+    The caller must not send anything else before this returns (PROTOCOL.md 1);
+    `wire.has_to(answer)` says whether to start TLS on `conn` now.
+    """
+    query = starttls_query()
+    await conn.send_message(query.to_wire(), deadline)
+    return parse_response(await conn.recv_message(deadline), query)
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:

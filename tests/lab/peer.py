@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import dns.edns
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -84,6 +86,9 @@ class PeerConfig:
     udp_to: bool = False  # advertise TO in UDP answers
     faults: frozenset[Fault] = frozenset()
     delay: float = 0.0  # for Fault.SLOW
+    close_after: int | None = None  # close each TCP/TLS connection after that many queries,
+    #                                 with the last ones unanswered ("closes mid-flight")
+    keepalive: float | None = None  # edns-tcp-keepalive to offer when asked (seconds)
 
 
 class Blackhole:
@@ -143,6 +148,14 @@ def answer(query: dns.message.Message, *, to: bool) -> dns.message.Message:
         response.answer.append(dns.rrset.from_text(q.name, 60, "IN", "A", PEER_A))
     elif q.rdtype == dns.rdatatype.TXT and name.startswith("whoami."):
         response.answer.append(dns.rrset.from_text(q.name, 0, "IN", "TXT", f'"{WHOAMI}"'))
+    elif (
+        q.rdtype == dns.rdatatype.TXT
+        and name.startswith("big-")
+        and name[4:].split(".")[0].isdigit()
+    ):
+        size = int(name[4:].split(".")[0])  # about `size` bytes of TXT, in 200-byte strings
+        strings = ['"' + "x" * 200 + '"'] * (size // 200) + ['"' + "y" * (size % 200) + '"']
+        response.answer.append(dns.rrset.from_text(q.name, 0, "IN", "TXT", " ".join(strings)))
     else:
         response.set_rcode(dns.rcode.NXDOMAIN)
     return response
@@ -169,6 +182,8 @@ class Peer:
         self.tls_port: int | None = None
         self.connections = 0
         self.handshakes = 0
+        self.resumed = 0  # TLS handshakes that resumed a session
+        self.open_connections = 0
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._blackhole: Blackhole | None = None
@@ -246,10 +261,17 @@ class Peer:
             )
         )
 
-    def _wire(self, response: dns.message.Message) -> bytes:
+    def _wire(self, response: dns.message.Message, *, udp: bool = False) -> bytes:
         if Fault.MISMATCHED in self.config.faults:
             response.id ^= 0x5A5A
-        return response.to_wire()
+        if not udp:
+            return response.to_wire(max_size=65535)
+        try:
+            return response.to_wire()  # within the client's payload size
+        except dns.exception.TooBig:
+            response.flags |= dns.flags.TC
+            response.answer.clear()
+            return response.to_wire()
 
     async def _pause(self, query: dns.message.Message) -> None:
         wait = _delay_of(query) + (self.config.delay if Fault.SLOW in self.config.faults else 0)
@@ -264,7 +286,7 @@ class Peer:
             return
         self._record("udp", query)
         to = self.config.udp_to and has_to(query)
-        wire = self._wire(answer(query, to=to))
+        wire = self._wire(answer(query, to=to), udp=True)
         if Fault.TRUNCATED in self.config.faults:
             wire = wire[: len(wire) // 2]
         task = asyncio.get_running_loop().create_task(self._udp_reply(query, wire, addr))
@@ -286,6 +308,9 @@ class Peer:
             _reset(writer)
             return
         self.handshakes += 1
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.session_reused:
+            self.resumed += 1
         await self._serve(reader, writer, "tls-port", [])
 
     async def _on_plain(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -307,10 +332,10 @@ class Peer:
         except Exception:
             writer.close()
             return
-        self._record("tcp", query)
         if not has_to(query):  # plain DNS over TCP from the first message on
             await self._serve(reader, writer, "tcp", first)
             return
+        self._record("tcp", query)
         if Fault.NO_TO_ANSWER in cfg.faults:
             with contextlib.suppress(Exception):
                 while await reader.read(65535):
@@ -347,6 +372,9 @@ class Peer:
             writer.close()
             return
         self.handshakes += 1
+        ssl_object = writer.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.session_reused:
+            self.resumed += 1
         await self._serve(reader, writer, "tls-upgrade", [])
 
     async def _serve(
@@ -360,6 +388,8 @@ class Peer:
         frames = FrameReader()
         pending = list(backlog)
         answering: set[asyncio.Task[None]] = set()
+        received = 0
+        self.open_connections += 1
         try:
             while True:
                 for wire in pending:
@@ -368,6 +398,12 @@ class Peer:
                     except Exception:
                         return
                     self._record(via, query)
+                    received += 1
+                    if self.config.close_after is not None and received >= self.config.close_after:
+                        # like a server with a per-connection query limit: answer what came
+                        # before, close with this one (and any later ones) unanswered
+                        await asyncio.gather(*answering, return_exceptions=True)
+                        return
                     task = asyncio.create_task(self._answer_tcp(writer, query))
                     answering.add(task)
                     task.add_done_callback(answering.discard)
@@ -379,6 +415,7 @@ class Peer:
         except (OSError, ssl.SSLError):
             pass
         finally:
+            self.open_connections -= 1
             for task in answering:
                 task.cancel()
             writer.close()
@@ -387,7 +424,14 @@ class Peer:
 
     async def _answer_tcp(self, writer: asyncio.StreamWriter, query: dns.message.Message) -> None:
         await self._pause(query)
-        wire = self._wire(answer(query, to=False))
+        response = answer(query, to=False)
+        asked = any(o.otype == dns.edns.OptionType.KEEPALIVE for o in query.options)
+        if asked and self.config.keepalive is not None and response.edns >= 0:
+            timeout = int(self.config.keepalive * 10).to_bytes(2, "big")
+            response.use_edns(
+                0, 0, 1232, options=[dns.edns.GenericOption(dns.edns.OptionType.KEEPALIVE, timeout)]
+            )
+        wire = self._wire(response)
         if writer.is_closing():
             return
         if Fault.TRUNCATED in self.config.faults:
@@ -424,6 +468,8 @@ async def _main(args: argparse.Namespace) -> None:
         udp_to=args.udp_to,
         faults=frozenset(Fault(f) for f in args.fault),
         delay=args.delay,
+        close_after=args.close_after,
+        keepalive=args.keepalive,
     )
     peer = await Peer(config).start()
     print(json.dumps({"dns_port": peer.dns_port, "tls_port": peer.tls_port}), flush=True)
@@ -446,6 +492,8 @@ def main() -> None:
     parser.add_argument("--udp-to", action="store_true")
     parser.add_argument("--fault", action="append", default=[], choices=[f.value for f in Fault])
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--close-after", type=int)
+    parser.add_argument("--keepalive", type=float)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_main(args))

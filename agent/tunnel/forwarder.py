@@ -1,0 +1,373 @@
+"""The tunnel: client queries in, routed over the upstream order it was handed, answers back.
+
+Owns the per-query life cycle (limits, padding, deadlines, exactly one answer per
+query), the failover between upstreams, and the profile's rule on cleartext:
+strict and encrypted never send a query in cleartext and answer SERVFAIL at once
+when no private upstream is usable; opportunistic falls back to plain DNS over
+TCP to the same resolvers only after every private path failed, and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from agent.dns import packet
+from agent.dns.packet import PacketError
+from agent.errors import UsageError
+from agent.model import AuthSpec, Method, Profile, UpstreamSpec
+from agent.tunnel.connection import UpstreamConn
+from agent.tunnel.listeners import TcpListener, UdpListener
+from agent.tunnel.pending import Pending, Sink
+from agent.tunnel.stats import TunnelStats
+from agent.tunnel.upstream import State, Upstream
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = (("127.0.0.153", 53),)
+TICK = 0.1  # seconds between sweeps of deadlines, idle and stalled connections
+
+
+class Mode(StrEnum):
+    """What the tunnel can offer right now; the daemon tells the user when it is not PRIVATE."""
+
+    PRIVATE = "private"  # at least one private upstream is usable
+    CLEARTEXT = "cleartext"  # opportunistic fallback: queries go out in plain DNS
+    DOWN = "down"  # nothing usable: every query is answered SERVFAIL
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    upstreams: tuple[UpstreamSpec, ...]
+    profile: Profile = Profile.OPPORTUNISTIC
+    ca_file: str | None = None
+    listen: tuple[tuple[str, int], ...] = DEFAULT_LISTEN
+    idle_timeout: float = 60.0  # the draft's suggestion for stub-to-recursive
+    connect_timeout: float = 3.0
+    query_timeout: float = 4.0  # then the client gets SERVFAIL
+    stall_timeout: float = 2.5  # queries out, nothing back: the connection is dead
+    backoff_min: float = 1.0
+    backoff_max: float = 60.0
+    max_pending: int = 10000
+    max_pending_per_client: int = 256
+    max_tcp_clients: int = 256
+    tcp_client_idle: float = 10.0
+    fastopen: bool = True
+    pad: bool = True
+    cleartext_port: int = 53  # opportunistic fallback: plain DNS over TCP to this port
+
+
+def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
+    if not specs:
+        raise UsageError("the tunnel needs at least one upstream")
+    if len(specs) > 60:
+        raise UsageError(f"{len(specs)} upstreams; at most 60")
+    for s in specs:
+        if s.method not in (Method.TLS_PORT, Method.TLS_UPGRADE, Method.TCP_PLAIN):
+            raise UsageError(f"upstream {s}: the tunnel reaches resolvers by TLS or plain TCP")
+        if not s.private and not profile.allows_cleartext:
+            raise UsageError(
+                f"upstream {s} is cleartext; the {profile} profile never sends cleartext"
+            )
+
+
+class Tunnel:
+    def __init__(self, cfg: TunnelConfig, *, on_mode: Callable[[Mode], None] | None = None) -> None:
+        check_upstreams(cfg.upstreams, cfg.profile)
+        self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
+        self.stats = TunnelStats()
+        self.on_mode = on_mode
+        self.mode = Mode.PRIVATE
+        self.upstreams: list[Upstream] = []
+        self.private: list[Upstream] = []
+        self.plain: list[Upstream] = []
+        self._retired: list[Upstream] = []
+        self._dirty: set[UpstreamConn] = set()
+        self._flush_scheduled = False
+        self._order: collections.deque[Pending] = collections.deque()
+        self.pending = 0
+        self.udp: list[UdpListener] = []
+        self.tcp: list[TcpListener] = []
+        self._ticker: asyncio.Task[None] | None = None
+        self._set(cfg.upstreams)
+
+    # -- life cycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            for host, port in self.cfg.listen:
+                await self._listen(host, port)
+        except OSError as exc:
+            await self.stop()
+            raise UsageError(f"cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from exc
+        self._ticker = asyncio.create_task(self._tick_forever(), name="tunnel ticker")
+        LOG.info(
+            "tunnel listening on %s, upstreams: %s",
+            self.addresses,
+            ", ".join(map(str, self.cfg.upstreams)),
+        )
+
+    async def _listen(self, host: str, port: int) -> None:
+        """UDP and TCP on the same port (port 0: a free one, the same for both)."""
+        for attempt in range(8):
+            udp = UdpListener(self, host, port)
+            tcp = TcpListener(self, host, udp.address[1])
+            try:
+                await tcp.start()
+            except OSError:
+                udp.close()
+                if port or attempt == 7:
+                    raise
+                continue
+            self.udp.append(udp)
+            self.tcp.append(tcp)
+            return
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [u.address for u in self.udp]
+
+    async def stop(self) -> None:
+        """Close listeners and upstreams (close_notify); answer what is still pending."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for u in self.udp:
+            u.close()
+        for t in self.tcp:
+            await t.close()
+        for up in [*self.upstreams, *self._retired]:
+            await up.stop()
+        while self._order:
+            p = self._order.popleft()
+            if not p.done:
+                self._finish(p, packet.error_reply(p.query, p.info, packet.SERVFAIL))
+
+    # -- the order ---------------------------------------------------------------------
+    def _auth(self, spec: UpstreamSpec) -> AuthSpec:
+        return AuthSpec(self.cfg.profile, spec.pins, spec.auth_name, self.cfg.ca_file)
+
+    def _set(self, specs: Sequence[UpstreamSpec]) -> None:
+        old = {up.spec: up for up in self.upstreams}
+        wanted = [s for s in specs if s.private]
+        plain = [s for s in specs if not s.private]
+        if self.cfg.profile.allows_cleartext:  # the same resolvers, in plain DNS, last
+            for s in wanted:
+                fallback = UpstreamSpec(s.address, Method.TCP_PLAIN, self.cfg.cleartext_port)
+                if fallback not in plain:
+                    plain.append(fallback)
+        ups: list[Upstream] = []
+        for i, spec in enumerate([*wanted, *plain]):
+            up = old.pop(spec, None)
+            if up is None:
+                up = Upstream(spec, i, self._auth(spec), self)
+            else:
+                up.index, up.bit = i, 1 << i
+            ups.append(up)
+        self.upstreams = ups
+        self.private = [u for u in ups if u.spec.private]
+        self.plain = [u for u in ups if not u.spec.private]
+        for up in old.values():  # marked, swept below: in-flight queries are re-routed
+            up.retired = True
+            self._retired.append(up)
+
+    def set_upstreams(self, specs: Sequence[UpstreamSpec]) -> None:
+        """Hand the tunnel a new order, atomically; nothing in flight is lost."""
+        check_upstreams(specs, self.cfg.profile)
+        self._set(specs)
+        for p in self._order:
+            p.tried = 0  # indexes changed meaning
+        for up in self._retired:
+            if up.conn is not None and not up.conn.inflight:
+                up.close()
+        self._update_mode()
+
+    # -- queries in ---------------------------------------------------------------------
+    def on_query(self, wire: bytes, sink: Sink, addr: Any) -> None:
+        stats = self.stats
+        stats.queries += 1
+        try:
+            info = packet.parse_query(wire)
+        except PacketError as exc:
+            stats.malformed += 1
+            reply = packet.header_error_reply(wire, exc.rcode) if exc.rcode is not None else None
+            if reply is not None:
+                sink.deliver(reply, addr)
+            return
+        if self.pending >= self.cfg.max_pending or not sink.admit(addr):
+            stats.dropped_limit += 1
+            if not sink.udp:  # TCP clients wait for an answer; UDP ones just retry
+                sink.deliver(packet.error_reply(wire, info, packet.REFUSED), addr)
+            return
+        added = False
+        if self.cfg.pad:
+            wire, added = packet.pad_query(wire, info)
+        now = self.loop.time()
+        p = Pending(sink, addr, wire, info, added, now + self.cfg.query_timeout)
+        self.pending += 1
+        self._order.append(p)
+        self.route(p, now)
+
+    def route(self, p: Pending, now: float) -> None:
+        for up in self.private:
+            if not p.tried & up.bit and up.available:
+                up.submit(p, now)
+                return
+        if self.plain:
+            for up in self.plain:
+                if not p.tried & up.bit and up.available:
+                    self._set_mode(Mode.CLEARTEXT)
+                    self.stats.cleartext += 1
+                    up.submit(p, now)
+                    return
+        self._set_mode(Mode.DOWN if self._nothing_available() else self.mode)
+        self.servfail(p)
+
+    def reroute(self, pendings: Sequence[Pending], failed: Upstream | None) -> None:
+        now = self.loop.time()
+        for p in pendings:
+            if p.done:
+                continue
+            if failed is not None:
+                p.tried |= failed.bit
+            self.route(p, now)
+
+    def mark_dirty(self, conn: UpstreamConn) -> None:
+        self._dirty.add(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what the last wake-up queued: one TLS write and send() per connection."""
+        self._flush_scheduled = False
+        if self._dirty:
+            dirty = self._dirty
+            self._dirty = set()
+            for conn in dirty:
+                conn.flush()
+
+    # -- answers out ---------------------------------------------------------------------
+    def on_answer(self, up: Upstream, p: Pending, frame: bytes) -> None:
+        if p.done:
+            return
+        up.stats.answers += 1
+        if not packet.question_matches(p.query, p.info, frame):
+            up.stats.mismatched += 1
+            LOG.warning("%s: answer for ID %d does not match its question", up.spec, p.uid)
+            self.servfail(p)
+            return
+        up.stats.latency(time.monotonic() - p.sent)
+        resp = p.query[:2] + frame[2:]
+        if p.added_opt:
+            try:
+                resp = packet.strip_opt(resp)
+            except PacketError:
+                self.servfail(p)
+                return
+        if p.sink.udp and len(resp) > packet.udp_limit(p.info):
+            resp = packet.truncated_reply(p.query, p.info, resp)
+            self.stats.truncated += 1
+        self._finish(p, resp)
+
+    def servfail(self, p: Pending) -> None:
+        self.stats.servfail += 1
+        self._finish(p, packet.error_reply(p.query, p.info, packet.SERVFAIL))
+
+    def _finish(self, p: Pending, wire: bytes) -> None:
+        if p.done:
+            return
+        p.done = True
+        self.pending -= 1
+        if p.conn is not None:
+            p.conn.inflight.pop(p.uid, None)
+            p.conn = None
+        self.stats.answered += 1
+        p.sink.deliver(wire, p.addr)
+        p.sink.done(p.addr)
+
+    # -- time ------------------------------------------------------------------------------
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self.tick(self.loop.time())
+
+    def tick(self, now: float) -> None:
+        order = self._order
+        while order and (order[0].done or order[0].deadline <= now):
+            p = order.popleft()
+            if not p.done:
+                if p.conn is not None:
+                    up = next((u for u in self.upstreams if u.conn is p.conn), None)
+                    if up is not None:
+                        up.stats.timeouts += 1
+                self.servfail(p)
+        for up in self.upstreams:
+            up.tick(now)
+        for up in list(self._retired):
+            if up.conn is None or not up.conn.inflight:
+                up.close()
+                self._retired.remove(up)
+        for t in self.tcp:
+            t.tick(now)
+        self._update_mode()
+
+    # -- mode --------------------------------------------------------------------------------
+    def _nothing_available(self) -> bool:
+        return not any(u.available for u in self.upstreams)
+
+    def _update_mode(self) -> None:
+        if any(u.available for u in self.private):
+            self._set_mode(Mode.PRIVATE)
+        elif any(u.available for u in self.plain):
+            if self.mode is Mode.DOWN:
+                self._set_mode(Mode.CLEARTEXT)
+        else:
+            self._set_mode(Mode.DOWN)
+
+    def _set_mode(self, mode: Mode) -> None:
+        if mode is self.mode:
+            return
+        level = logging.INFO if mode is Mode.PRIVATE else logging.WARNING
+        LOG.log(level, "tunnel mode %s -> %s", self.mode, mode)
+        self.mode = mode
+        if self.on_mode is not None:
+            self.on_mode(mode)
+
+    def upstream_changed(self, up: Upstream) -> None:
+        self._update_mode()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode.value,
+            "profile": self.cfg.profile.value,
+            "listen": [f"{h}:{p}" for h, p in self.addresses],
+            "pending": self.pending,
+            "clients": self.stats.to_json(),
+            "upstreams": [
+                {
+                    "upstream": str(u.spec),
+                    "state": u.state.value,
+                    "recovering": u.recovering,
+                    "last_error": u.last_error,
+                    "keepalive_s": u.keepalive,
+                    "inflight": len(u.conn.inflight) if u.conn else 0,
+                    **u.stats.to_json(),
+                }
+                for u in self.upstreams
+            ],
+        }
+
+    def upstream(self, spec: UpstreamSpec) -> Upstream | None:
+        return next((u for u in self.upstreams if u.spec == spec), None)
+
+    def states(self) -> dict[str, State]:
+        return {str(u.spec): u.state for u in self.upstreams}

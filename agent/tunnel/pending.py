@@ -1,0 +1,57 @@
+"""One client query on its way through the tunnel."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.dns.packet import QueryInfo
+
+if TYPE_CHECKING:
+    from agent.tunnel.connection import UpstreamConn
+
+
+class Sink(Protocol):
+    """Where answers go: a UDP listener (addr = the client's) or one TCP client."""
+
+    udp: bool
+
+    def admit(self, addr: Any) -> bool: ...
+
+    def deliver(self, wire: bytes, addr: Any) -> None: ...
+
+    def done(self, addr: Any) -> None: ...
+
+
+class Pending:
+    """A query from its arrival until exactly one answer went back to its client."""
+
+    __slots__ = (
+        "added_opt",
+        "addr",
+        "conn",
+        "deadline",
+        "done",
+        "info",
+        "query",
+        "resends",
+        "sent",
+        "sink",
+        "tried",
+        "uid",
+    )
+
+    def __init__(
+        self, sink: Sink, addr: Any, query: bytes, info: QueryInfo, added_opt: bool, deadline: float
+    ) -> None:
+        self.sink = sink
+        self.addr = addr
+        self.query = query  # padded, with the client's own ID
+        self.info = info
+        self.added_opt = added_opt
+        self.deadline = deadline
+        self.sent = 0.0
+        self.tried = 0  # bit i set: upstream i failed this query
+        self.resends = 0  # times re-sent to the same upstream after it closed cleanly
+        self.uid = -1  # ID on the upstream connection
+        self.conn: UpstreamConn | None = None
+        self.done = False

@@ -1,0 +1,318 @@
+"""One upstream resolver as the tunnel sees it: an explicit state machine, and how to connect.
+
+    IDLE --query--> CONNECTING --ok--> UP --idle/clean close--> IDLE
+                        |                 \\--reset/stall/error--> BACKOFF
+                        \\--error--> BACKOFF --backoff over--> CONNECTING (recovering)
+
+A recovering upstream gets no client queries until it is UP again; a clean close
+by the server (RFC 7766 allows it at any time) is not a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+import dns.edns
+import dns.message
+
+from agent.dns import packet, wire
+from agent.dns.transport import Connection, starttls
+from agent.errors import Closed, Timeout, TLSHandshakeFailed, TransportError
+from agent.model import AuthSpec, Method, UpstreamSpec
+from agent.tls import check_peer, context_for
+from agent.tunnel.connection import UpstreamConn
+from agent.tunnel.pending import Pending
+from agent.tunnel.stats import UpstreamStats
+
+if TYPE_CHECKING:
+    from agent.tunnel.forwarder import Tunnel
+
+LOG = logging.getLogger(__name__)
+
+HELLO_NAME = "."  # the tunnel's own first query on a connection: learns edns-tcp-keepalive
+
+
+class State(StrEnum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    UP = "up"
+    BACKOFF = "backoff"
+
+
+_ALLOWED = {
+    State.IDLE: {State.CONNECTING},
+    State.CONNECTING: {State.UP, State.BACKOFF, State.IDLE},
+    State.UP: {State.IDLE, State.BACKOFF},
+    State.BACKOFF: {State.CONNECTING, State.IDLE},
+}
+
+
+class Upstream:
+    def __init__(self, spec: UpstreamSpec, index: int, auth: AuthSpec, tunnel: Tunnel) -> None:
+        self.spec = spec
+        self.index = index
+        self.bit = 1 << index
+        self.auth = auth
+        self.tunnel = tunnel
+        self.cfg = tunnel.cfg
+        self.loop = asyncio.get_running_loop()
+        self.state = State.IDLE
+        self.recovering = False
+        self.conn: UpstreamConn | None = None
+        self.queue: list[Pending] = []  # waiting for CONNECTING to end
+        self.failures = 0  # consecutive
+        self.backoff_until = 0.0
+        self.last_error = ""
+        self.session: object | None = None  # ssl.SSLSession, for resumption
+        self.keepalive: float | None = None  # the server's edns-tcp-keepalive, seconds
+        self.stats = UpstreamStats()
+        self.retired = False
+        self._task: asyncio.Task[None] | None = None
+        self._hello: Pending | None = None
+        self._fresh_session = False
+
+    def __repr__(self) -> str:
+        return f"<Upstream {self.spec} {self.state}>"
+
+    def _to(self, state: State) -> None:
+        if state is not self.state and state not in _ALLOWED[self.state]:
+            raise AssertionError(f"{self.spec}: {self.state} -> {state} is not a transition")
+        self.state = state
+
+    @property
+    def available(self) -> bool:
+        """May a client query be given to this upstream now?"""
+        if self.retired:
+            return False
+        if self.state is State.CONNECTING:
+            return not self.recovering
+        return self.state is not State.BACKOFF
+
+    # -- queries ---------------------------------------------------------------
+    def submit(self, p: Pending, now: float) -> None:
+        conn = self.conn
+        if self.state is State.UP and conn is not None and conn.submit(p, now):
+            self.stats.queries += 1
+            self.tunnel.mark_dirty(conn)
+            return
+        self.queue.append(p)
+        if self.state is State.IDLE:
+            self.connect()
+
+    # -- connecting ------------------------------------------------------------
+    def connect(self, *, recovering: bool = False) -> None:
+        self._to(State.CONNECTING)
+        self.recovering = recovering
+        self._task = asyncio.create_task(self._connect(), name=f"connect {self.spec}")
+
+    async def _connect(self) -> None:
+        spec = self.spec
+        deadline = self.loop.time() + self.cfg.connect_timeout
+        conn: Connection | None = None
+        try:
+            conn = await Connection.open(
+                spec.address, spec.port, deadline, fastopen=self.cfg.fastopen
+            )
+            if spec.method is Method.TLS_UPGRADE:
+                answer = await starttls(conn, deadline)
+                if not wire.has_to(answer):
+                    raise TLSHandshakeFailed("TO clear in the answer: the server does not upgrade")
+            if spec.private:
+                tls = await conn.start_tls(
+                    context_for(self.auth),
+                    deadline,
+                    server_hostname=spec.auth_name,
+                    session=self.session,  # type: ignore[arg-type]
+                )
+                if tls.session_reused:
+                    self.stats.resumptions += 1
+                else:
+                    check_peer(tls, spec.address, self.auth)
+        except TransportError as exc:
+            if conn is not None:
+                conn.close()
+            self._failed(exc)
+            return
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.close()
+            raise
+        self._up(conn)
+
+    def _up(self, c: Connection) -> None:
+        if self.retired:
+            c.close()
+            self._to(State.IDLE)
+            return
+        if self.stats.connections:
+            self.stats.reconnects += 1
+        self.stats.connections += 1
+        self.failures = 0
+        self.recovering = False
+        self.last_error = ""
+        conn = UpstreamConn(
+            c.sock, c.tls, label=str(self.spec), on_answer=self._on_answer, on_lost=self._on_lost
+        )
+        self.conn = conn
+        self._fresh_session = True
+        self._to(State.UP)
+        LOG.info(
+            "%s: connected%s",
+            self.spec,
+            " (session resumed)" if c.tls and c.tls.session_reused else "",
+        )
+        self._send_hello(conn)
+        queued, self.queue = self.queue, []
+        now = self.loop.time()
+        for p in queued:
+            if not p.done:
+                self.submit(p, now)
+        self.tunnel.mark_dirty(conn)
+        self.tunnel.upstream_changed(self)
+
+    def _send_hello(self, conn: UpstreamConn) -> None:
+        """Our own query, inside TLS: asks for the server's edns-tcp-keepalive (RFC 7828)."""
+        if not self.spec.private:
+            return
+        q = dns.message.make_query(
+            HELLO_NAME,
+            "NS",
+            use_edns=0,
+            payload=wire.EDNS_PAYLOAD,
+            pad=wire.PAD_BLOCK,
+            options=[dns.edns.GenericOption(dns.edns.OptionType.KEEPALIVE, b"")],
+        )
+        data = q.to_wire()
+        hello = Pending(_NO_SINK, None, data, packet.parse_query(data), False, float("inf"))
+        if conn.submit(hello, self.loop.time()):
+            self._hello = hello
+
+    def _failed(self, exc: TransportError) -> None:
+        self.failures += 1
+        self.stats.failures += 1
+        self.last_error = exc.detail
+        backoff = min(self.cfg.backoff_max, self.cfg.backoff_min * 2 ** (self.failures - 1))
+        self.backoff_until = self.loop.time() + backoff
+        self.recovering = False
+        self._to(State.BACKOFF)
+        LOG.warning("%s: %s; not used for %.0f s", self.spec, exc.detail, backoff)
+        queued, self.queue = self.queue, []
+        self.tunnel.upstream_changed(self)
+        self.tunnel.reroute(queued, self)
+
+    # -- the live connection -------------------------------------------------------
+    def _on_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
+        if p is None:
+            return  # late: its query timed out or moved on
+        if self._fresh_session and conn.tls is not None:
+            self._fresh_session = False  # tickets came with (or before) the first answer
+            self.session = conn.tls.session
+        if p is self._hello:
+            self._hello = None
+            self._learn_keepalive(frame)
+            return
+        conn.progress += 1
+        self.tunnel.on_answer(self, p, frame)
+
+    def _learn_keepalive(self, frame: bytes) -> None:
+        try:
+            answer = dns.message.from_wire(frame)
+        except Exception:  # a broken hello answer only costs the hint
+            return
+        for option in answer.options:
+            data = getattr(option, "data", b"")
+            if option.otype == packet.OPTION_KEEPALIVE and len(data) == 2:
+                self.keepalive = int.from_bytes(data, "big") / 10
+                LOG.info("%s: server keeps idle connections %.1f s", self.spec, self.keepalive)
+
+    def _orphans(self, conn: UpstreamConn) -> list[Pending]:
+        return [p for p in conn.take_inflight() if p is not self._hello and not p.done]
+
+    def _on_lost(self, conn: UpstreamConn, exc: TransportError) -> None:
+        self.conn = None
+        self._hello = None
+        orphans = self._orphans(conn)
+        if isinstance(exc, Closed):
+            # RFC 7766: servers may close at any time; not a failure. What was in flight
+            # goes again on a fresh connection, while connections keep making progress
+            # (the query deadline bounds it); a server that closes without answering
+            # anything gets each query once more, then it counts as failed for them.
+            LOG.info("%s: %s (%d in flight)", self.spec, exc.detail, len(orphans))
+            self._to(State.IDLE)
+            if conn.progress:
+                again, failed = orphans, []
+            else:
+                again = [p for p in orphans if p.resends == 0]
+                failed = [p for p in orphans if p.resends > 0]
+            for p in again:
+                p.resends += 1
+            self.tunnel.reroute(failed, self)
+            now = self.loop.time()
+            for p in again:
+                self.submit(p, now)
+            self.tunnel.upstream_changed(self)
+            return
+        self.queue.extend(orphans)
+        self._failed(exc)
+
+    def tick(self, now: float) -> None:
+        """Periodic: end backoff, close idle connections, detect stalls."""
+        if self.state is State.BACKOFF and now >= self.backoff_until and not self.retired:
+            self.connect(recovering=True)
+            return
+        conn = self.conn
+        if self.state is not State.UP or conn is None:
+            return
+        if conn.inflight:
+            if now - conn.busy_since > self.cfg.stall_timeout:
+                conn.lose(Timeout(f"no answer for {self.cfg.stall_timeout:.1f} s"))
+            return
+        idle = self.cfg.idle_timeout
+        if self.keepalive is not None:
+            idle = min(idle, max(self.keepalive - 0.5, 0.5))
+        if now - max(conn.last_rx, conn.last_tx) > idle:
+            LOG.debug("%s: idle for %.0f s, closing", self.spec, idle)
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection cleanly (close_notify); nothing in flight is lost."""
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        self._hello = None
+        orphans = self._orphans(conn)
+        conn.close()
+        if self.state is State.UP:
+            self._to(State.IDLE)
+        self.tunnel.reroute(orphans, None)
+
+    async def stop(self) -> None:
+        self.retired = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.close()
+
+
+class _NoSink:
+    """The hello's sink: its answer is consumed by the upstream itself."""
+
+    udp = False
+
+    def admit(self, addr: object) -> bool:
+        return True
+
+    def deliver(self, wire: bytes, addr: object) -> None:
+        pass
+
+    def done(self, addr: object) -> None:
+        pass
+
+
+_NO_SINK = _NoSink()

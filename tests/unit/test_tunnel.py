@@ -1,0 +1,444 @@
+"""agent/tunnel against the in-process test peer: pipelining, IDs, failover, limits, profiles.
+
+The tunnel, the peer(s) and the clients (dnspython's async queries, raw sockets) share
+one event loop; every test is bounded by `run`'s timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import dns.asyncquery
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from agent.dns.wire import frame
+from agent.model import Method, Profile, UpstreamSpec
+from agent.tunnel import Tunnel, TunnelConfig
+from agent.tunnel.forwarder import Mode
+from agent.tunnel.upstream import State
+from tests.conftest import Certs, run
+from tests.lab.certs import CertFiles
+from tests.lab.peer import PEER_A, Fault, Peer, PeerConfig
+
+HOST = "127.0.0.1"
+
+
+def tls_up(p: Peer, name: str | None = None) -> UpstreamSpec:
+    assert p.tls_port is not None
+    return UpstreamSpec(HOST, Method.TLS_PORT, p.tls_port, name)
+
+
+@contextlib.asynccontextmanager
+async def tunnel(*upstreams: UpstreamSpec, **kw: Any) -> AsyncIterator[Tunnel]:
+    kw.setdefault("listen", ((HOST, 0),))
+    kw.setdefault("profile", Profile.OPPORTUNISTIC)
+    t = Tunnel(TunnelConfig(upstreams=upstreams, **kw))
+    await t.start()
+    try:
+        yield t
+    finally:
+        await t.stop()
+
+
+@contextlib.asynccontextmanager
+async def peer(cert: CertFiles | None, *faults: Fault, **kw: Any) -> AsyncIterator[Peer]:
+    cfg = PeerConfig(
+        cert=cert.cert if cert else None,
+        key=cert.key if cert else None,
+        faults=frozenset(faults),
+        **kw,
+    )
+    async with Peer(cfg) as p:
+        yield p
+
+
+async def ask(
+    t: Tunnel, name: str, rdtype: str = "A", *, tcp: bool = False, wait: float = 3, **kw: Any
+) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype, **kw)
+    host, port = t.addresses[0]
+    if tcp:
+        return await dns.asyncquery.tcp(q, host, port=port, timeout=wait)
+    return await dns.asyncquery.udp(q, host, port=port, timeout=wait, ignore_trailing=False)
+
+
+def a_of(m: dns.message.Message) -> str:
+    return m.answer[0][0].address if m.answer else dns.rcode.to_text(m.rcode())
+
+
+# -- the basics -------------------------------------------------------------------------------
+
+
+def test_forwards_over_tls_padded(certs: Certs) -> None:
+    async def go() -> None:
+        async with (
+            peer(certs.good) as p,
+            tunnel(tls_up(p), profile=Profile.STRICT, ca_file=str(certs.ca.path)) as t,
+        ):
+            r = await ask(t, "www.example.test")
+            assert a_of(r) == PEER_A
+            r2 = await ask(t, "www.example.test", use_edns=False)  # a client without EDNS
+            assert a_of(r2) == PEER_A and r2.edns == -1  # no OPT comes back to it
+            r3 = await ask(t, "www.example.test", tcp=True)
+            assert a_of(r3) == PEER_A
+            seen = [s for s in p.seen if s.qname == "www.example.test."]
+            assert [s.via for s in seen] == ["tls-port"] * 3
+            assert all(s.padded for s in seen)
+            assert not [s for s in p.seen if s.via in ("udp", "tcp")]  # no cleartext at all
+            assert p.connections == 1  # one connection, reused for every client
+            assert t.stats.answered == 3
+
+    run(go())
+
+
+def test_pipelining_answers_out_of_order(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as p, tunnel(tls_up(p)) as t:
+            await ask(t, "warm.test")
+            done: list[str] = []
+
+            async def one(name: str) -> None:
+                r = await ask(t, name)
+                assert a_of(r) == PEER_A
+                done.append(name)
+
+            names = ["delay-400.test", "delay-200.test", "delay-1.test"]
+            await asyncio.gather(*(one(n) for n in names))
+            assert done == list(reversed(names))  # the fast ones did not wait for the slow
+            assert p.connections == 1
+
+    run(go())
+
+
+def test_tcp_client_pipelines(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as p, tunnel(tls_up(p)) as t:
+            host, port = t.addresses[0]
+            reader, writer = await asyncio.open_connection(host, port)
+            queries = [
+                dns.message.make_query(n, "A")
+                for n in ("delay-300.test", "delay-100.test", "now.test")
+            ]
+            writer.write(b"".join(frame(q.to_wire()) for q in queries))  # all in one segment
+            got = []
+            for _ in queries:
+                size = struct.unpack("!H", await reader.readexactly(2))[0]
+                got.append(dns.message.from_wire(await reader.readexactly(size)))
+            writer.close()
+            assert [m.question[0].name.to_text() for m in got] == [
+                "now.test.",
+                "delay-100.test.",
+                "delay-300.test.",
+            ]
+            assert all(q.is_response(m) for m in got for q in queries if q.id == m.id)
+
+    run(go())
+
+
+def test_same_id_from_two_clients(certs: Certs) -> None:
+    """Two clients, one ID: each gets the answer to its own question."""
+
+    async def go() -> None:
+        async with peer(certs.good) as p, tunnel(tls_up(p)) as t:
+            qa = dns.message.make_query("delay-150.alpha.test", "A", id=4242)
+            qb = dns.message.make_query("delay-100.beta.test", "AAAA", id=4242)
+            host, port = t.addresses[0]
+            ra, rb = await asyncio.gather(
+                dns.asyncquery.udp(qa, host, port=port, timeout=3),
+                dns.asyncquery.udp(qb, host, port=port, timeout=3),
+            )
+            assert qa.is_response(ra) and qb.is_response(rb)
+            assert ra.question[0].name.to_text() == "delay-150.alpha.test."
+            assert rb.question[0].rdtype == dns.rdatatype.AAAA
+
+    run(go())
+
+
+# -- upstream trouble -------------------------------------------------------------------------
+
+
+def test_upstream_closes_mid_flight(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good, close_after=4) as p, tunnel(tls_up(p)) as t:
+            names = [f"q{i}.test" for i in range(10)]
+            answers = await asyncio.gather(*(ask(t, n) for n in names))
+            assert [a_of(r) for r in answers] == [PEER_A] * 10
+            assert [r.question[0].name.to_text() for r in answers] == [n + "." for n in names]
+            up = t.upstreams[0]
+            assert up.stats.reconnects >= 2 and p.connections >= 3
+            assert t.stats.servfail == 0
+
+    run(go())
+
+
+def test_failover_in_order_and_recovery(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as a, peer(certs.good) as b:
+            spec_a, spec_b = tls_up(a), tls_up(b)
+            async with tunnel(spec_a, spec_b, backoff_min=0.3) as t:
+                assert a_of(await ask(t, "one.test")) == PEER_A
+                assert [s.qname for s in a.seen].count("one.test.") == 1 and not b.seen
+                await a.stop()  # A goes away: connection reset/closed, then refused
+                assert a_of(await ask(t, "two.test")) == PEER_A
+                assert "two.test." in [s.qname for s in b.seen]
+                assert t.upstream(spec_a) is not None
+                # A comes back on the same port; after its backoff it is first again
+                a2 = Peer(dataclasses.replace(a.config, tls_port=spec_a.port))
+                async with a2:
+                    for _ in range(40):
+                        await asyncio.sleep(0.1)
+                        up = t.upstream(spec_a)
+                        if up is not None and up.state is State.UP:
+                            break
+                    assert a_of(await ask(t, "three.test")) == PEER_A
+                    assert "three.test." in [s.qname for s in a2.seen]
+
+    run(go())
+
+
+def test_stalled_upstream_fails_over(certs: Certs) -> None:
+    async def go() -> None:
+        async with (
+            peer(certs.good, Fault.SLOW, delay=30) as a,
+            peer(certs.good) as b,
+            tunnel(tls_up(a), tls_up(b), stall_timeout=0.4) as t,
+        ):
+            t0 = time.monotonic()
+            r = await ask(t, "stuck.test")
+            assert a_of(r) == PEER_A
+            assert "stuck.test." in [s.qname for s in b.seen]
+            assert time.monotonic() - t0 < 1.5
+            assert t.upstreams[0].state is State.BACKOFF
+
+    run(go())
+
+
+def test_idle_close_then_resumed_reconnect(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as p, tunnel(tls_up(p), idle_timeout=0.3) as t:
+            assert a_of(await ask(t, "first.test")) == PEER_A
+            for _ in range(30):
+                await asyncio.sleep(0.05)
+                if p.open_connections == 0:
+                    break
+            assert p.open_connections == 0  # closed by us, for being idle
+            assert t.upstreams[0].state is State.IDLE
+            assert a_of(await ask(t, "second.test")) == PEER_A
+            assert p.connections == 2
+            assert p.resumed == 1  # the server saw a resumed session
+            assert t.upstreams[0].stats.resumptions == 1
+
+    run(go())
+
+
+def test_server_keepalive_is_honoured(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good, keepalive=0.8) as p, tunnel(tls_up(p), idle_timeout=60) as t:
+            assert a_of(await ask(t, "a.test")) == PEER_A
+            up = t.upstreams[0]
+            for _ in range(40):
+                await asyncio.sleep(0.05)
+                if up.keepalive is not None:
+                    break
+            assert up.keepalive == pytest.approx(0.8)
+            await asyncio.sleep(1.0)
+            assert up.state is State.IDLE and p.open_connections == 0
+
+    run(go())
+
+
+def test_query_timeout_answers_servfail(certs: Certs) -> None:
+    async def go() -> None:
+        async with (
+            peer(certs.good) as p,
+            tunnel(tls_up(p), query_timeout=0.4, stall_timeout=5) as t,
+        ):
+            t0 = time.monotonic()
+            r = await ask(t, "delay-3000.test")
+            assert r.rcode() == dns.rcode.SERVFAIL
+            assert 0.35 < time.monotonic() - t0 < 1.0
+            assert t.upstreams[0].stats.timeouts == 1
+
+    run(go())
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+
+def test_truncation_for_udp(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as p, tunnel(tls_up(p)) as t:
+            r = await ask(t, "big-3000.test", "TXT", use_edns=0, payload=1232)
+            assert r.flags & dns.flags.TC and not r.answer
+            r = await ask(t, "big-600.test", "TXT", use_edns=False)
+            assert r.flags & dns.flags.TC and not r.answer and r.edns == -1
+            r = await ask(t, "big-600.test", "TXT", use_edns=0, payload=1232)
+            assert not r.flags & dns.flags.TC and r.answer
+            r = await ask(t, "big-3000.test", "TXT", tcp=True)
+            assert not r.flags & dns.flags.TC
+            assert sum(len(s) for s in r.answer[0][0].strings) >= 3000
+            assert t.stats.truncated == 2
+
+    run(go())
+
+
+def test_malformed_client_packets(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as p, tunnel(tls_up(p)) as t:
+            host, port = t.addresses[0]
+            good = dns.message.make_query("ok.test", "A")
+            bad_question = good.to_wire()[:12] + b"\x3fabc"
+            loop = asyncio.get_running_loop()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.setblocking(False)
+                await loop.sock_connect(s, (host, port))
+                for junk in (b"", b"\x00", b"\xff" * 11, b"\xff" * 300, bad_question):
+                    s.send(junk)
+                async with asyncio.timeout(2):
+                    reply = await loop.sock_recv(s, 512)
+            formerr = dns.message.from_wire(reply)
+            assert formerr.rcode() == dns.rcode.FORMERR and formerr.id == good.id
+            # TCP: a frame of garbage, then a good query on the same connection
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(frame(b"\x01\x02\x03") + frame(good.to_wire()))
+            size = struct.unpack("!H", await reader.readexactly(2))[0]
+            assert good.is_response(dns.message.from_wire(await reader.readexactly(size)))
+            writer.close()
+            assert a_of(await ask(t, "still.works.test")) == PEER_A
+            assert t.stats.malformed == 6
+
+    run(go())
+
+
+def test_limits_hold_under_a_bounded_flood(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as p, tunnel(tls_up(p), max_pending_per_client=20) as t:
+            await ask(t, "warm.test")
+            host, port = t.addresses[0]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+                flood.setblocking(False)
+                flood.connect((host, port))
+                for i in range(500):  # bounded: 500 slow queries, one client
+                    with contextlib.suppress(BlockingIOError):
+                        flood.send(dns.message.make_query(f"delay-500.f{i}.test", "A").to_wire())
+                t0 = time.monotonic()
+                r = await ask(t, "other.client.test")  # another client is not starved
+                assert a_of(r) == PEER_A and time.monotonic() - t0 < 0.3
+                await asyncio.sleep(0.7)
+                answers = 0
+                with contextlib.suppress(BlockingIOError):
+                    while flood.recv(512):
+                        answers += 1
+            assert answers == 20  # exactly its share
+            assert t.stats.dropped_limit == 480
+            assert t.pending == 0
+
+    run(go())
+
+
+# -- profiles ---------------------------------------------------------------------------------
+
+
+def test_strict_unavailable_answers_servfail_at_once_no_cleartext(certs: Certs) -> None:
+    async def go() -> None:
+        async with (
+            peer(certs.wrong_ca) as p,
+            tunnel(
+                tls_up(p),
+                UpstreamSpec(HOST, Method.TLS_UPGRADE, p.dns_port),
+                profile=Profile.STRICT,
+                ca_file=str(certs.ca.path),
+            ) as t,
+        ):
+            t0 = time.monotonic()
+            r = await ask(t, "secret.example.test")
+            assert r.rcode() == dns.rcode.SERVFAIL
+            assert time.monotonic() - t0 < 1.0
+            t1 = time.monotonic()
+            r = await ask(t, "secret2.example.test")  # both in backoff now: immediate
+            assert r.rcode() == dns.rcode.SERVFAIL and time.monotonic() - t1 < 0.1
+            assert t.mode is Mode.DOWN
+            assert not [s for s in p.seen if "secret" in s.qname]  # never on the wire, in any form
+            assert {f"{s.via}:{s.qname}" for s in p.seen} == {"tcp:STARTTLS."}  # the dummy only
+            assert t.plain == []
+
+    run(go())
+
+
+def test_encrypted_takes_any_certificate_strict_does_not(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.self_signed) as p:
+            async with tunnel(tls_up(p), profile=Profile.ENCRYPTED) as t:
+                assert a_of(await ask(t, "a.test")) == PEER_A
+            async with tunnel(tls_up(p), profile=Profile.STRICT, ca_file=str(certs.ca.path)) as t:
+                assert (await ask(t, "a.test")).rcode() == dns.rcode.SERVFAIL
+            async with tunnel(
+                UpstreamSpec(
+                    HOST, Method.TLS_PORT, p.tls_port or 0, pins=frozenset({certs.self_signed.pin})
+                ),
+                profile=Profile.STRICT,
+            ) as t:
+                assert a_of(await ask(t, "a.test")) == PEER_A
+
+    run(go())
+
+
+def test_opportunistic_falls_back_to_cleartext_and_says_so(certs: Certs) -> None:
+    async def go() -> None:
+        modes: list[Mode] = []
+        async with peer(None, tls_port=None, upgrade=False) as p:
+            closed = socket.socket()
+            closed.bind((HOST, 0))
+            dead_tls = UpstreamSpec(HOST, Method.TLS_PORT, closed.getsockname()[1])
+            closed.close()
+            async with tunnel(dead_tls, cleartext_port=p.dns_port) as t:
+                t.on_mode = modes.append
+                assert a_of(await ask(t, "plain.test")) == PEER_A
+                assert t.mode is Mode.CLEARTEXT and modes == [Mode.CLEARTEXT]
+                assert [s.via for s in p.seen if s.qname == "plain.test."] == ["tcp"]
+                assert t.stats.cleartext == 1
+
+    run(go())
+
+
+def test_upgrade_upstream(certs: Certs) -> None:
+    async def go() -> None:
+        async with (
+            peer(certs.good, Fault.BLACKHOLE_TLS) as p,
+            tunnel(
+                UpstreamSpec(HOST, Method.TLS_UPGRADE, p.dns_port),
+                profile=Profile.STRICT,
+                ca_file=str(certs.ca.path),
+            ) as t,
+        ):
+            assert a_of(await ask(t, "up.test")) == PEER_A
+            assert [s.via for s in p.seen if s.qname == "up.test."] == ["tls-upgrade"]
+            assert {s.qname for s in p.seen if s.via in ("tcp", "udp")} == {"STARTTLS."}
+
+    run(go())
+
+
+def test_new_order_switches_atomically(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as a, peer(certs.good) as b, tunnel(tls_up(a)) as t:
+            await ask(t, "warm.test")
+            slow = [asyncio.create_task(ask(t, f"delay-300.s{i}.test")) for i in range(5)]
+            await asyncio.sleep(0.1)
+            t.set_upstreams([tls_up(b), tls_up(a)])
+            assert a_of(await ask(t, "after.test")) == PEER_A
+            assert "after.test." in [s.qname for s in b.seen]
+            assert [a_of(r) for r in await asyncio.gather(*slow)] == [PEER_A] * 5
+            assert t.stats.servfail == 0
+
+    run(go())
