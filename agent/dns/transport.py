@@ -39,6 +39,18 @@ RECV_SIZE = 262144
 _UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.ENETDOWN}
 
 
+TCPI_OPT_SYN_DATA = 32  # linux/tcp.h: the SYN carried data the server accepted
+
+
+def syn_data_acked(sock: socket.socket) -> bool:
+    """Did this connection's SYN carry data that the server took (TCP Fast Open)?"""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except OSError:
+        return False
+    return bool(info[5] & TCPI_OPT_SYN_DATA)  # tcpi_options
+
+
 def family_of(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
 

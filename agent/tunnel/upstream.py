@@ -20,7 +20,7 @@ import dns.edns
 import dns.message
 
 from agent.dns import packet, wire
-from agent.dns.transport import Connection, starttls
+from agent.dns.transport import Connection, starttls, syn_data_acked
 from agent.errors import Closed, Timeout, TLSHandshakeFailed, TransportError
 from agent.model import AuthSpec, Method, UpstreamSpec
 from agent.tls import check_peer, context_for
@@ -132,6 +132,8 @@ class Upstream:
                     self.stats.resumptions += 1
                 else:
                     check_peer(tls, spec.address, self.auth)
+            if syn_data_acked(conn.sock):
+                self.stats.fastopen += 1
         except TransportError as exc:
             if conn is not None:
                 conn.close()

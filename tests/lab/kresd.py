@@ -9,19 +9,25 @@ from tests.lab.unbound import WWW_A, ZONE, answers, tls_listening
 
 
 def render(host: str, dns_port: int, tls_port: int, cert: Path, key: Path) -> str:
-    """kresd.conf: static answers for lab.test, everything else denied: it never recurses."""
+    """kresd.conf: www.lab.test answered by policy, every other name NXDOMAIN.
+
+    Nothing is ever passed to the iterator, and outgoing queries are bound to
+    loopback besides: this resolver cannot send a packet beyond the machine.
+    """
+    www = f"www.{ZONE}"
     return f"""
 net.listen('{host}', {dns_port}, {{ kind = 'dns' }})
 net.listen('{host}', {tls_port}, {{ kind = 'tls' }})
 net.tls('{cert}', '{key}')
+net.outgoing_v4('127.0.0.1')
+net.outgoing_v6('::1')
 modules.unload('ta_update')
 modules.unload('priming')
 modules.unload('detect_time_skew')
 trust_anchors.remove('.')
-modules.load('hints > iterate')
-hints.set('www.{ZONE.rstrip(".")} {WWW_A}')
-hints.use_nodata(true)
-policy.add(policy.suffix(policy.PASS, {{todname('{ZONE}')}}))
+policy.add(policy.domains(
+    policy.ANSWER({{ [kres.type.A] = {{ rdata = kres.str2ip('{WWW_A}'), ttl = 300 }} }}, true),
+    {{ todname('{www}') }}))
 policy.add(policy.all(policy.DENY))
 """
 
