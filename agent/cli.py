@@ -12,9 +12,10 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
-from agent import __version__
+from agent import __version__, config
 from agent.errors import AgentError, UsageError
 from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile, UpstreamSpec
 from agent.probe import probe_many
@@ -215,7 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="use asyncio's own loop even if uvloop is installed",
     )
     t.set_defaults(func=cmd_tunnel)
+
+    c = sub.add_parser("config", help="work with the configuration file")
+    csub = c.add_subparsers(
+        dest="config_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    check = csub.add_parser(
+        "check",
+        help="check a configuration file and its drop-ins; report every problem",
+        description="Exit status 0 when FILE (default /etc/dnstls-agent/agent.toml) and the "
+        "files in FILE.d/ are valid, 2 otherwise, with one line per problem: file:line: key: "
+        "what is wrong.",
+    )
+    check.add_argument("file", nargs="?", type=Path, default=config.DEFAULT_FILE, metavar="FILE")
+    check.set_defaults(func=cmd_config_check)
     return parser
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.file, missing_ok=False)
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    rules = len(cfg.interfaces)
+    print(f"{', '.join(cfg.files)}: valid ({rules} interface section{'s' * (rules != 1)})")
+    return EXIT_OK
 
 
 def _upstream(text: str) -> UpstreamSpec:

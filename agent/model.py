@@ -232,3 +232,107 @@ class ProbeResult:
         data: dict[str, Any] = dataclasses.asdict(self)
         data["failures"] = self.failures
         return data
+
+
+# -- the network, as the watchers report it (issue: the agent daemon) ------------------------------
+
+
+class Source(StrEnum):
+    """Where a fact about a link came from."""
+
+    NM = "nm"  # NetworkManager over D-Bus
+    NETLINK = "netlink"  # the kernel: links, addresses, routes, RA RDNSS
+    LEASE = "lease"  # DHCP lease files
+    STATIC = "static"  # the configuration
+
+
+@dataclass(frozen=True)
+class NetResolver:
+    """A resolver address a network handed out (or the config added)."""
+
+    address: str
+    auth_name: str | None = None  # NM's "ADDR#name" or dns+tls://ADDR#name
+    port: int | None = None  # a port given with dns+tls://ADDR:PORT
+    tls: bool = False  # the network said it speaks DNS over TLS (dns+tls://)
+    source: Source = Source.NM
+
+    @classmethod
+    def parse(cls, text: str, source: Source = Source.NM) -> NetResolver:
+        """NM's nameserver forms: `ADDR`, `ADDR#NAME`, `dns+tls://ADDR[:PORT][#NAME]`."""
+        rest = text.strip()
+        tls = rest.startswith("dns+tls://")
+        if tls:
+            rest = rest[len("dns+tls://") :]
+        rest, _, name = rest.partition("#")
+        port: int | None = None
+        if rest.startswith("["):
+            host, _, after = rest[1:].partition("]")
+            if after.startswith(":") and after[1:].isdigit():
+                port = int(after[1:])
+        elif rest.count(":") == 1:
+            host, _, p = rest.partition(":")
+            port = int(p) if p.isdigit() else None
+        else:
+            host = rest
+        host = host.split("%")[0]  # fe80::1%eth0: the scope is the link's
+        address = str(ipaddress.ip_address(host))
+        return cls(address, name or None, port, tls, source)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One interface and what the network told about its DNS."""
+
+    ifname: str
+    up: bool = True
+    resolvers: tuple[NetResolver, ...] = ()
+    domains: tuple[str, ...] = ()
+    vpn: bool = False
+    priority: int = 100  # NetworkManager's DNS priority: lower is preferred
+    default_route: bool = False
+    connection_id: str | None = None
+    connection_uuid: str | None = None
+    ssid: str | None = None
+    gateway_mac: str | None = None
+    dhcp_server: str | None = None
+
+    @property
+    def network_id(self) -> str:
+        """Which network this is, for remembering what worked on it."""
+        if self.connection_uuid:
+            return f"nm:{self.connection_uuid}"
+        if self.gateway_mac:
+            return f"gw:{self.ifname}:{self.gateway_mac}"
+        if self.dhcp_server:
+            return f"dhcp:{self.ifname}:{self.dhcp_server}"
+        return f"if:{self.ifname}"
+
+    @property
+    def connection(self) -> tuple[str, ...]:
+        return tuple(c for c in (self.connection_id, self.connection_uuid) if c)
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """What was learnt about one resolver on one network; persisted by state.py.
+
+    Times are wall-clock seconds (time.time()): they must survive restarts.
+    """
+
+    network: str
+    address: str
+    method: Method = Method.UNREACHABLE
+    auth: Auth | None = None
+    pin: str | None = None
+    pins_seen: tuple[str, ...] = ()  # every key it showed on this network, newest last
+    latency_ms: float | None = None  # time to the first answer inside TLS
+    probed_at: float = 0.0
+    tls_ok_at: float = 0.0  # the last time TLS worked (0: never on this network)
+    negative_until: float = 0.0  # refused TLS or failed the handshake: not asked before then
+    path_first: Order | None = None  # the TLS path that worked, tried first next time
+    resumption: bool | None = None
+    failures: tuple[str, ...] = ()  # why the failed paths failed, last probe
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.network, self.address)

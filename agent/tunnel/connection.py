@@ -136,11 +136,12 @@ class UpstreamConn:
 
     # -- answers in ------------------------------------------------------------
     def _on_readable(self) -> None:
-        if self._quickacks:
-            # Right after the handshake a server writes its session tickets and the first
-            # answer back to back; without a quick ACK, Nagle on its side holds the answer
-            # until our delayed ACK (+40 ms). Later answers are not affected.
-            self._quickacks -= 1
+        if self.inflight or self._quickacks:
+            # ACK at once while answers are expected. Servers that write without
+            # TCP_NODELAY (unbound 1.17: session tickets, then answers) otherwise hold
+            # the next answer until our delayed ACK: +40 ms, or a whole RTT.
+            if self._quickacks:
+                self._quickacks -= 1
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
         try:

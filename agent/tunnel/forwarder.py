@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from agent import tls
 from agent.dns import packet
 from agent.dns.packet import PacketError
 from agent.errors import UsageError
@@ -108,6 +109,7 @@ class Tunnel:
             await self.stop()
             raise UsageError(f"cannot listen on {self.cfg.listen}: {exc.strerror or exc}") from exc
         self._ticker = asyncio.create_task(self._tick_forever(), name="tunnel ticker")
+        tls.warm_up()
         LOG.info(
             "tunnel listening on %s, upstreams: %s",
             self.addresses,
@@ -186,6 +188,8 @@ class Tunnel:
         for p in self._order:
             p.tried = 0  # indexes changed meaning
         for up in self._retired:
+            queued, up.queue = up.queue, []  # waiting for a connection that is not wanted now
+            self.reroute(queued, None)
             if up.conn is not None and not up.conn.inflight:
                 up.close()
         self._update_mode()

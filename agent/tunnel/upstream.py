@@ -146,9 +146,11 @@ class Upstream:
         self._up(conn)
 
     def _up(self, c: Connection) -> None:
-        if self.retired:
+        if self.retired:  # dropped from the order while connecting
             c.close()
             self._to(State.IDLE)
+            queued, self.queue = self.queue, []
+            self.tunnel.reroute(queued, None)
             return
         if self.stats.connections:
             self.stats.reconnects += 1

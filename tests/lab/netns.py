@@ -5,17 +5,25 @@
 
 Everything is torn down on exit, also when a test fails: processes first (by PID),
 then the namespaces.
+
+Also, for code that must *be* in a namespace rather than run a program there (opening
+a TUN device, a socket): `enter(name)` moves the calling thread (libc setns; Python
+3.11 has no os.setns) and `call_in(name, fn)` runs `fn` in a fresh thread that enters
+first and ends afterwards, so no thread ever has to find its way back.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from tests.lab.proc import Process, need
 
@@ -25,6 +33,47 @@ CLI_IP = "198.51.100.100"
 CLI_IP6 = "2001:db8::100"
 _counter = itertools.count()
 REPO = Path(__file__).resolve().parents[2]
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def new_tag() -> str:
+    """A short tag, unique per process and call, for namespace and interface names."""
+    return f"{os.getpid() % 100000}{next(_counter)}"
+
+
+def enter(name: str) -> None:
+    """Move the calling thread (only it) into the named network namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def call_in(name: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+    """`fn()` in a new thread inside namespace `name`; its result, or its exception."""
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            enter(name)
+            out.append(fn())
+        except BaseException as exc:
+            err.append(exc)
+
+    thread = threading.Thread(target=body, name=f"in {name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"{name}: still running after {timeout}s")
+    if err:
+        raise err[0]
+    return out[0]
 
 
 def _ip(*args: str) -> None:
@@ -37,6 +86,14 @@ class Netns:
         _ip("netns", "add", name)
         _ip("-n", name, "link", "set", "lo", "up")
         self.processes: list[Process] = []
+
+    def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run `fn` inside this namespace (in a thread of this process), see `call_in`."""
+        return call_in(self.name, fn, timeout)
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        """Set a per-namespace sysctl (net.*), e.g. sysctl("net.ipv4.tcp_fastopen", 3)."""
+        self.run([need("sysctl"), "-q", "-w", f"{key}={value}"])
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         return [need("ip"), "netns", "exec", self.name, *argv]
@@ -75,7 +132,7 @@ class Lab:
     """Two namespaces and a veth pair; use as a context manager."""
 
     def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}{next(_counter)}"
+        tag = new_tag()
         self.tag = tag
         self.srv: Netns | None = None
         self.cli: Netns | None = None

@@ -1,0 +1,359 @@
+"""Pure decisions: which resolvers the tunnel uses, in what order, under which profile, and why.
+
+No I/O, no clock (time is a parameter), no asyncio: everything here is a function
+of the link table, the configuration and what was learnt, so it is tested
+table-driven with a fake clock. Every choice carries a reason a human can read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from agent.config import Config, ConfigProfile, LinkSettings
+from agent.model import (
+    Auth,
+    AuthSpec,
+    Knowledge,
+    Link,
+    Method,
+    NetResolver,
+    Order,
+    ProbeResult,
+    ProbeSettings,
+    Profile,
+    Source,
+    UpstreamSpec,
+)
+
+MAX_PINS_SEEN = 8
+_STRICTNESS = {Profile.OPPORTUNISTIC: 0, Profile.ENCRYPTED: 1, Profile.STRICT: 2}
+
+
+class Alert(StrEnum):
+    NO_PRIVATE_DNS = "no-private-dns"  # strict/encrypted link without a usable resolver
+    DOWNGRADE = "downgrade"  # did TLS on this network before, does not now
+    KEY_CHANGED = "key-changed"  # shows another key than before on this network
+    CLEARTEXT = "cleartext"  # opportunistic: this link's DNS goes out in cleartext
+
+
+@dataclass(frozen=True)
+class Warning:
+    alert: Alert
+    ifname: str
+    address: str | None
+    text: str
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    network: str
+    ifname: str
+    address: str
+    settings: ProbeSettings
+    reason: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The decision about one resolver of one link."""
+
+    ifname: str
+    address: str
+    upstream: UpstreamSpec | None  # None: not used
+    reason: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """Split DNS: names under `domain` go to these upstreams."""
+
+    domain: str
+    upstreams: tuple[UpstreamSpec, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    profile: Profile | None  # None: the agent manages nothing (no link, or all off)
+    upstreams: tuple[UpstreamSpec, ...]
+    routes: tuple[Route, ...]
+    choices: tuple[Choice, ...]
+    probes: tuple[ProbeRequest, ...]
+    warnings: tuple[Warning, ...]
+    wake_at: float | None  # when to look again (re-probe, negative cache expiry)
+    reason: str
+
+
+def to_profile(p: ConfigProfile) -> Profile | None:
+    return None if p is ConfigProfile.OFF else Profile(p.value)
+
+
+def settings_for(config: Config, link: Link) -> LinkSettings:
+    return config.for_link(link.ifname, link.connection, link.ssid)
+
+
+# -- learning ------------------------------------------------------------------------------------
+
+
+def learn(
+    previous: Knowledge | None,
+    result: ProbeResult,
+    *,
+    network: str,
+    now: float,
+    negative_cache: float,
+) -> Knowledge:
+    """Fold one probe result into what is known about the resolver on this network."""
+    prev = previous or Knowledge(network=network, address=result.address)
+    private = result.method.private
+    pin = (
+        result.tls.pin
+        if result.tls
+        else next((p.tls.pin for p in result.paths if p.tls is not None), None)
+    )
+    seen = prev.pins_seen
+    if pin and (not seen or seen[-1] != pin):
+        seen = (*seen, pin)[-MAX_PINS_SEEN:]
+    answered_dns = result.method in (Method.TCP_PLAIN, Method.UDP_PLAIN)
+    path_first = prev.path_first
+    if result.method is Method.TLS_PORT:
+        path_first = Order.PORT_FIRST
+    elif result.method is Method.TLS_UPGRADE:
+        path_first = Order.UPGRADE_FIRST
+    return replace(
+        prev,
+        method=result.method,
+        auth=result.auth,
+        pin=pin or prev.pin,
+        pins_seen=seen,
+        latency_ms=result.timings.answer_ms if private else None,
+        probed_at=now,
+        tls_ok_at=now if private else prev.tls_ok_at,
+        # The draft: a server that answers DNS but refused TLS (or failed the handshake)
+        # is not asked again for a while. One that answered nothing may be just offline.
+        negative_until=now + negative_cache if answered_dns else 0.0,
+        path_first=path_first,
+        resumption=result.resumption,
+        failures=tuple(f"{k}: {v}" for k, v in result.failures.items()),
+    )
+
+
+# -- deciding ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    link_rank: tuple[int, int, int, str]
+    tier: int  # 0 authenticated TLS, 1 TLS, 2 not probed yet (TLS tried), 3 cleartext
+    latency: float
+    index: int
+    upstream: UpstreamSpec
+    ifname: str
+    profile: Profile
+
+
+def _link_rank(link: Link) -> tuple[int, int, int, str]:
+    return (link.priority, 0 if link.default_route else 1, 0 if link.vpn else 1, link.ifname)
+
+
+def _resolvers(link: Link, s: LinkSettings, own: Collection[str]) -> list[NetResolver]:
+    out: list[NetResolver] = []
+    seen: set[str] = set()
+    statics = [
+        NetResolver(u.address, u.auth_name, u.port, True, Source.STATIC) for u in s.static_resolvers
+    ]
+    for r in [*link.resolvers, *statics]:
+        if r.address in seen or r.address in s.ignore_resolvers or r.address in own:
+            continue
+        seen.add(r.address)
+        out.append(r)
+    return out
+
+
+def auth_spec(profile: Profile, s: LinkSettings, r: NetResolver) -> AuthSpec:
+    return AuthSpec(profile, s.pins, r.auth_name or s.auth_name, s.ca_file)
+
+
+def probe_settings(
+    profile: Profile, s: LinkSettings, r: NetResolver, k: Knowledge | None
+) -> ProbeSettings:
+    if s.order == "auto":
+        order = k.path_first if k and k.path_first else Order.PORT_FIRST
+    else:
+        order = Order(s.order)
+    port_kw = {"tls_port": r.port} if r.port else {}
+    return ProbeSettings(
+        auth=auth_spec(profile, s, r),
+        order=order,
+        timeout=s.probe_timeout,
+        connect_timeout=s.connect_timeout,
+        fallback_delay=s.fallback_delay,
+        **port_kw,  # type: ignore[arg-type]
+    )
+
+
+def _upstream(r: NetResolver, s: LinkSettings, method: Method) -> UpstreamSpec:
+    port = (r.port or 853) if method is Method.TLS_PORT else 53
+    return UpstreamSpec(r.address, method, port, r.auth_name or s.auth_name, s.pins)
+
+
+def decide(
+    links: Iterable[Link],
+    config: Config,
+    knowledge: Mapping[tuple[str, str], Knowledge],
+    now: float,
+    *,
+    own_addresses: Collection[str] = (),
+    probing: Collection[tuple[str, str]] = (),
+) -> Plan:
+    """The whole machine's plan. `probing`: (network, address) pairs being probed right now."""
+    active: list[tuple[Link, LinkSettings, Profile]] = []
+    for link in links:
+        s = settings_for(config, link)
+        profile = to_profile(s.profile)
+        if link.up and profile is not None and (link.resolvers or s.static_resolvers):
+            active.append((link, s, profile))
+    if not active:
+        return Plan(None, (), (), (), (), (), None, "no interface with resolvers to manage")
+    # One tunnel serves every query of the machine: the strictest link sets its profile.
+    machine = max((p for _, _, p in active), key=_STRICTNESS.__getitem__)
+    d = _Decider(machine, now, probing, knowledge)
+    for link, s, link_profile in active:
+        d.link(link, s, link_profile, own_addresses)
+    d.candidates.sort(key=lambda c: (c.tier >= 3, c.link_rank, c.tier, c.latency, c.index))
+    upstreams: list[UpstreamSpec] = []
+    for c in d.candidates:
+        if c.upstream not in upstreams:
+            upstreams.append(c.upstream)
+    return Plan(
+        profile=machine,
+        upstreams=tuple(upstreams),
+        routes=_routes(active, d.candidates, split=config.split_dns),
+        choices=tuple(d.choices),
+        probes=tuple(d.probes),
+        warnings=tuple(d.warnings),
+        wake_at=min(d.wake) if d.wake else None,
+        reason=f"{machine.value}: {len(upstreams)} upstream(s) from {len(active)} interface(s)",
+    )
+
+
+class _Decider:
+    """Accumulates the plan, one link at a time."""
+
+    def __init__(
+        self,
+        machine: Profile,
+        now: float,
+        probing: Collection[tuple[str, str]],
+        knowledge: Mapping[tuple[str, str], Knowledge],
+    ) -> None:
+        self.machine = machine
+        self.knowledge = knowledge
+        self.now = now
+        self.probing = probing
+        self.candidates: list[_Candidate] = []
+        self.choices: list[Choice] = []
+        self.probes: list[ProbeRequest] = []
+        self.warnings: list[Warning] = []
+        self.wake: list[float] = []
+
+    def warn(self, alert: Alert, link: Link, address: str | None, text: str) -> None:
+        self.warnings.append(Warning(alert, link.ifname, address, text))
+
+    def use(self, link: Link, profile: Profile, i: int, up: UpstreamSpec, tier: int,
+            latency: float, reason: str) -> None:  # fmt: skip
+        self.candidates.append(
+            _Candidate(_link_rank(link), tier, latency, i, up, link.ifname, profile)
+        )
+        self.choices.append(Choice(link.ifname, up.address, up, reason))
+
+    def skip(self, link: Link, address: str, reason: str) -> None:
+        self.choices.append(Choice(link.ifname, address, None, reason))
+
+    def maybe_probe(self, link: Link, s: LinkSettings, r: NetResolver, k: Knowledge | None) -> None:
+        net, now = link.network_id, self.now
+        if (net, r.address) in self.probing:
+            return
+        why = None
+        if k is None:
+            why = "not probed on this network yet"
+        elif k.negative_until > now:
+            self.wake.append(k.negative_until)
+        elif now - k.probed_at >= s.reprobe_interval:
+            why = f"re-probe: last probed {now - k.probed_at:.0f} s ago"
+        else:
+            self.wake.append(k.probed_at + s.reprobe_interval)
+        if why:
+            ps = probe_settings(self.machine, s, r, k)
+            self.probes.append(ProbeRequest(net, link.ifname, r.address, ps, why))
+
+    def link(self, link: Link, s: LinkSettings, profile: Profile, own: Collection[str]) -> None:
+        machine = self.machine
+        usable = unknown = 0
+        for i, r in enumerate(_resolvers(link, s, own)):
+            k = self.knowledge_of(link, r)
+            self.maybe_probe(link, s, r, k)
+            if k is not None and len(k.pins_seen) > 1 and k.pin == k.pins_seen[-1]:
+                text = f"{r.address} on {link.ifname} shows another key than before on this network"
+                self.warn(Alert.KEY_CHANGED, link, r.address, text)
+            if k is None:
+                unknown += 1
+                up = _upstream(r, s, Method.TLS_PORT)
+                self.use(link, profile, i, up, 2, math.inf, "not probed yet: TLS on 853 first")
+                continue
+            if k.method.private:
+                authenticated = k.auth is not None and k.auth is not Auth.NONE
+                if machine is Profile.STRICT and not authenticated:
+                    self.skip(link, r.address, "TLS, but the certificate did not authenticate")
+                    continue
+                how = f"authenticated by {k.auth}" if authenticated else "not authenticated"
+                lat = k.latency_ms if k.latency_ms is not None else math.inf
+                up = _upstream(r, s, k.method)
+                self.use(link, profile, i, up, 0 if authenticated else 1, lat, f"{k.method}, {how}")
+                usable += 1
+                continue
+            if k.tls_ok_at > 0:
+                why = "; ".join(k.failures) or str(k.method)
+                text = f"{r.address} on {link.ifname} did TLS here before and does not now ({why})"
+                self.warn(Alert.DOWNGRADE, link, r.address, text)
+            plain_ok = machine is Profile.OPPORTUNISTIC and s.cleartext_fallback
+            if plain_ok and k.method in (Method.TCP_PLAIN, Method.UDP_PLAIN):
+                up = _upstream(r, s, Method.TCP_PLAIN)
+                why = "no TLS: cleartext, after every private path (opportunistic)"
+                self.use(link, profile, i, up, 3, math.inf, why)
+                continue
+            reason = "unreachable" if k.method is Method.UNREACHABLE else f"no TLS ({k.method})"
+            if k.negative_until > self.now:
+                reason += f"; not asked again for {k.negative_until - self.now:.0f} s"
+            self.skip(link, r.address, f"{reason}; the {machine} profile does not use it")
+        if usable or unknown:
+            return
+        if machine is not Profile.OPPORTUNISTIC:
+            text = f"no private resolver on {link.ifname}: no DNS rather than cleartext ({machine})"
+            self.warn(Alert.NO_PRIVATE_DNS, link, None, text)
+        elif any(c.ifname == link.ifname and c.tier == 3 for c in self.candidates):
+            text = f"{link.ifname}: no resolver does TLS; DNS goes out in cleartext (opportunistic)"
+            self.warn(Alert.CLEARTEXT, link, None, text)
+
+    def knowledge_of(self, link: Link, r: NetResolver) -> Knowledge | None:
+        return self.knowledge.get((link.network_id, r.address))
+
+
+def _routes(
+    active: list[tuple[Link, LinkSettings, Profile]], candidates: list[_Candidate], *, split: bool
+) -> tuple[Route, ...]:
+    """VPN links' domains go to their own resolvers always; other links' only with split_dns."""
+    routes: list[Route] = []
+    for link, _s, _p in active:
+        if not (link.vpn or split) or not link.domains:
+            continue
+        ups = tuple(c.upstream for c in candidates if c.ifname == link.ifname)
+        if not ups:
+            continue
+        for dom in link.domains:
+            domain = dom.strip(".").lower()
+            if domain and domain not in {r.domain for r in routes}:
+                routes.append(Route(domain, ups))
+    return tuple(routes)

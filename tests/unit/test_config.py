@@ -1,0 +1,136 @@
+"""agent/config.py: the option table, TOML parsing, matching, and errors with file:line:key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.config import ConfigError, ConfigProfile
+from agent.model import Method
+
+
+def write(tmp_path: Path, text: str, name: str = "agent.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_table_defaults_are_the_dataclass_defaults() -> None:
+    assert config.defaults_agree() == []
+
+
+def test_missing_file_gives_defaults(tmp_path: Path) -> None:
+    c = config.load(tmp_path / "none.toml")
+    assert c.files == () and c.defaults == config.LinkSettings()
+
+
+def test_full_file(tmp_path: Path) -> None:
+    pin = "pOXrpUt9kgPgbWxBFFcBTbRH2heo2wHwXp1fd4AEVXI="
+    p = write(
+        tmp_path,
+        f"""
+profile = "encrypted"
+listen = ["127.0.0.153:53", "[::1]:5353"]
+negative_cache = 600
+static_resolvers = ["198.51.100.53#dns.example.net", "upgrade:203.0.113.1"]
+
+[[interface]]
+match_name = "wlp*"
+profile = "strict"
+pins = ["{pin}"]
+
+[[interface]]
+match_ssid = ["CoffeeShop"]
+profile = "opportunistic"
+""",
+    )
+    c = config.load(p)
+    assert c.listen == (("127.0.0.153", 53), ("::1", 5353))
+    assert c.defaults.profile is ConfigProfile.ENCRYPTED
+    assert c.defaults.negative_cache == 600.0
+    assert [s.method for s in c.defaults.static_resolvers] == [Method.TLS_PORT, Method.TLS_UPGRADE]
+    wl = c.for_link("wlp2s0")
+    assert wl.profile is ConfigProfile.STRICT and wl.pins == {pin}
+    assert wl.negative_cache == 600.0  # inherited
+    cafe = c.for_link("wlp2s0", ssid="CoffeeShop")  # later sections win
+    assert cafe.profile is ConfigProfile.OPPORTUNISTIC and cafe.pins == {pin}
+    assert c.for_link("eth0").profile is ConfigProfile.ENCRYPTED
+
+
+def test_match_by_connection(tmp_path: Path) -> None:
+    p = write(tmp_path, '[[interface]]\nmatch_connection = "Home"\nprofile = "off"\n')
+    c = config.load(p)
+    assert c.for_link("eth0", connection=("Home", "uuid-1")).profile is ConfigProfile.OFF
+    assert c.for_link("eth0", connection=("Work",)).profile is ConfigProfile.OPPORTUNISTIC
+
+
+def test_dropins_override_and_add(tmp_path: Path) -> None:
+    p = write(tmp_path, 'profile = "strict"\n')
+    (tmp_path / "agent.toml.d").mkdir()
+    write(tmp_path / "agent.toml.d", 'profile = "encrypted"\n', "10-site.toml")
+    write(
+        tmp_path / "agent.toml.d",
+        '[[interface]]\nmatch_name = "eth*"\nprofile = "off"\n',
+        "20-eth.toml",
+    )
+    c = config.load(p)
+    assert c.defaults.profile is ConfigProfile.ENCRYPTED
+    assert c.for_link("eth0").profile is ConfigProfile.OFF
+    assert len(c.files) == 3
+
+
+def test_every_problem_is_reported_with_file_line_and_key(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """# comment
+profile = "paranoid"
+negative_cache = "long"
+listen = ["localhost"]
+pins = ["abc"]
+prfile = "strict"
+
+[[interface]]
+profile = "strict"
+
+[[interface]]
+match_name = "eth*"
+state_dir = "/tmp"
+order = 3
+""",
+    )
+    with pytest.raises(ConfigError) as exc:
+        config.load(p)
+    got = {(pr.line, pr.key) for pr in exc.value.problems}
+    assert got == {
+        (2, "profile"),
+        (3, "negative_cache"),
+        (4, "listen"),
+        (5, "pins"),
+        (6, "prfile"),
+        (8, "interface"),
+        (13, "interface.state_dir"),
+        (14, "interface.order"),
+    }
+    text = str(exc.value)
+    assert f"{p}:2: profile: must be one of off, opportunistic, encrypted, strict" in text
+    assert "did you mean 'profile'?" in text
+    assert "is a global option" in text
+
+
+def test_broken_toml_names_the_line(tmp_path: Path) -> None:
+    p = write(tmp_path, 'profile = "strict"\nlisten = [\n')
+    with pytest.raises(ConfigError) as exc:
+        config.load(p)
+    (problem,) = exc.value.problems
+    assert (
+        problem.file == str(p) and problem.line is not None and "not valid TOML" in problem.message
+    )
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    p = tmp_path / "agent.toml"
+    p.write_bytes(b"\xff\xfe\x00 not utf-8")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(p)

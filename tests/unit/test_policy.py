@@ -1,0 +1,252 @@
+"""agent/policy.py: table-driven decisions with a fake clock (time is just a number here)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from agent import config as cfgmod
+from agent import policy
+from agent.config import Config, ConfigProfile, LinkSettings
+from agent.model import (
+    Auth,
+    Knowledge,
+    Link,
+    Method,
+    NetResolver,
+    Order,
+    PathOutcome,
+    ProbeResult,
+    Profile,
+    Timings,
+    TLSInfo,
+    UpstreamSpec,
+)
+from agent.model import (
+    Path as ProbePath,
+)
+from agent.policy import Alert
+
+A, B, C = "198.51.100.1", "198.51.100.2", "203.0.113.3"
+T0 = 1_000_000.0
+PIN1 = "pOXrpUt9kgPgbWxBFFcBTbRH2heo2wHwXp1fd4AEVXI="
+PIN2 = "YLh1dUR9y6Kja30RrAn7JKnbQG/uEtLMkBgFF2Fuihg="
+
+
+def link(name: str = "eth0", *addrs: str, **kw: object) -> Link:
+    return Link(name, resolvers=tuple(NetResolver(a) for a in addrs), **kw)  # type: ignore[arg-type]
+
+
+def conf(profile: str = "opportunistic", **kw: object) -> Config:
+    defaults = dataclasses.replace(LinkSettings(), profile=ConfigProfile(profile), **kw)  # type: ignore[arg-type]
+    return Config(defaults=defaults)
+
+
+def know(ln: Link, addr: str, method: Method, auth: Auth | None = None, **kw: object) -> Knowledge:
+    base = Knowledge(ln.network_id, addr, method, auth, probed_at=T0, latency_ms=10.0,
+                     tls_ok_at=T0 if method.private else 0.0)  # fmt: skip
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def kmap(*ks: Knowledge) -> dict[tuple[str, str], Knowledge]:
+    return {k.key: k for k in ks}
+
+
+def test_nothing_to_manage() -> None:
+    assert policy.decide([], conf(), {}, T0).profile is None
+    off = policy.decide([link("eth0", A)], conf("off"), {}, T0)
+    assert off.profile is None and off.upstreams == ()
+    down = policy.decide([dataclasses.replace(link("eth0", A), up=False)], conf(), {}, T0)
+    assert down.profile is None
+
+
+def test_unknown_resolvers_are_probed_and_tried_on_853_meanwhile() -> None:
+    plan = policy.decide([link("eth0", A, B)], conf(), {}, T0)
+    assert [p.address for p in plan.probes] == [A, B]
+    assert all(p.reason == "not probed on this network yet" for p in plan.probes)
+    assert plan.upstreams == (UpstreamSpec(A), UpstreamSpec(B))
+    assert not plan.warnings
+
+
+def test_known_order_tls_first_then_latency_then_dhcp_order() -> None:
+    ln = link("eth0", A, B, C)
+    ks = kmap(
+        know(ln, A, Method.TCP_PLAIN),
+        know(ln, B, Method.TLS_UPGRADE, Auth.NONE, latency_ms=30.0),
+        know(ln, C, Method.TLS_PORT, Auth.NONE, latency_ms=5.0),
+    )
+    plan = policy.decide([ln], conf(), ks, T0 + 10)
+    assert plan.upstreams == (
+        UpstreamSpec(C, Method.TLS_PORT, 853),
+        UpstreamSpec(B, Method.TLS_UPGRADE, 53),
+        UpstreamSpec(A, Method.TCP_PLAIN, 53),  # cleartext last, opportunistic only
+    )
+    assert plan.probes == ()  # all fresh
+    assert plan.wake_at == T0 + 1800
+
+
+@pytest.mark.parametrize(
+    ("profile", "auth", "used"),
+    [
+        ("opportunistic", Auth.NONE, True),
+        ("encrypted", Auth.NONE, True),
+        ("strict", Auth.NONE, False),
+        ("strict", Auth.IP_SAN, True),
+        ("strict", Auth.PIN, True),
+    ],
+)
+def test_profiles_and_authentication(profile: str, auth: Auth, used: bool) -> None:
+    ln = link("eth0", A)
+    plan = policy.decide([ln], conf(profile), kmap(know(ln, A, Method.TLS_PORT, auth)), T0)
+    assert (plan.upstreams == (UpstreamSpec(A),)) is used
+    assert plan.profile is Profile(profile)
+    assert (Alert.NO_PRIVATE_DNS in {w.alert for w in plan.warnings}) is (not used)
+
+
+@pytest.mark.parametrize("profile", ["strict", "encrypted"])
+def test_no_cleartext_outside_opportunistic(profile: str) -> None:
+    ln = link("wlan0", A)
+    plan = policy.decide([ln], conf(profile), kmap(know(ln, A, Method.UDP_PLAIN)), T0)
+    assert plan.upstreams == ()
+    (w,) = plan.warnings
+    assert w.alert is Alert.NO_PRIVATE_DNS and "wlan0" in w.text
+    assert "does not use it" in plan.choices[0].reason
+
+
+def test_opportunistic_cleartext_only_network_is_announced() -> None:
+    ln = link("eth0", A)
+    plan = policy.decide([ln], conf(), kmap(know(ln, A, Method.UDP_PLAIN)), T0)
+    assert plan.upstreams == (UpstreamSpec(A, Method.TCP_PLAIN, 53),)
+    assert [w.alert for w in plan.warnings] == [Alert.CLEARTEXT]
+    nofallback = policy.decide(
+        [ln], conf(cleartext_fallback=False), kmap(know(ln, A, Method.UDP_PLAIN)), T0
+    )
+    assert nofallback.upstreams == ()
+
+
+def test_negative_cache_holds_then_expires() -> None:
+    ln = link("eth0", A)
+    k = know(ln, A, Method.TCP_PLAIN, negative_until=T0 + 3600)
+    during = policy.decide([ln], conf("strict"), kmap(k), T0 + 100)
+    assert during.probes == () and during.wake_at == T0 + 3600
+    assert "not asked again for 3500 s" in during.choices[0].reason
+    after = policy.decide([ln], conf("strict"), kmap(k), T0 + 3600)
+    assert [p.address for p in after.probes] == [A]
+    assert after.probes[0].reason.startswith("re-probe")
+
+
+def test_reprobe_interval_and_in_flight_probes() -> None:
+    ln = link("eth0", A)
+    k = know(ln, A, Method.TLS_PORT, Auth.NONE)
+    assert policy.decide([ln], conf(), kmap(k), T0 + 1799).probes == ()
+    assert len(policy.decide([ln], conf(), kmap(k), T0 + 1800).probes) == 1
+    busy = policy.decide([ln], conf(), kmap(k), T0 + 1800, probing={(ln.network_id, A)})
+    assert busy.probes == ()
+    # while re-probing, the known-good resolver stays in use
+    assert busy.upstreams == (UpstreamSpec(A),)
+
+
+def test_downgrade_detected() -> None:
+    ln = link("eth0", A)
+    k = know(ln, A, Method.TCP_PLAIN, tls_ok_at=T0 - 60, failures=("port: refused",))
+    strict = policy.decide([ln], conf("strict"), kmap(k), T0)
+    assert {w.alert for w in strict.warnings} == {Alert.DOWNGRADE, Alert.NO_PRIVATE_DNS}
+    assert strict.upstreams == ()
+    opp = policy.decide([ln], conf(), kmap(k), T0)
+    assert Alert.DOWNGRADE in {w.alert for w in opp.warnings}
+    assert opp.upstreams == (UpstreamSpec(A, Method.TCP_PLAIN, 53),)  # still works, visibly
+    assert "port: refused" in next(w.text for w in opp.warnings if w.alert is Alert.DOWNGRADE)
+
+
+def test_key_change_warns() -> None:
+    ln = link("eth0", A)
+    k = know(ln, A, Method.TLS_PORT, Auth.NONE, pin=PIN2, pins_seen=(PIN1, PIN2))
+    plan = policy.decide([ln], conf(), kmap(k), T0)
+    assert [w.alert for w in plan.warnings] == [Alert.KEY_CHANGED]
+    assert plan.upstreams == (UpstreamSpec(A),)
+
+
+def test_strictest_link_sets_the_machine_profile() -> None:
+    wl, eth = link("wlan0", A, priority=600), link("eth0", B, priority=100)
+    ks = kmap(know(wl, A, Method.TLS_PORT, Auth.IP_SAN), know(eth, B, Method.TLS_PORT, Auth.NONE))
+    c = Config(
+        interfaces=(cfgmod.InterfaceRule("t", names=("wlan*",), overrides={"profile": "strict"}),)
+    )
+    plan = policy.decide([wl, eth], c, ks, T0)
+    assert plan.profile is Profile.STRICT
+    assert plan.upstreams == (UpstreamSpec(A),)  # B did not authenticate
+
+
+def test_link_priority_orders_resolvers_and_vpn_domains_are_routed() -> None:
+    vpn = link("tun0", C, priority=50, vpn=True, domains=("corp.example",))
+    eth = link("eth0", A, priority=100, default_route=True, domains=("home.example",))
+    ks = kmap(know(vpn, C, Method.TLS_PORT, Auth.NONE), know(eth, A, Method.TLS_PORT, Auth.NONE))
+    plan = policy.decide([eth, vpn], conf(), ks, T0)
+    assert [u.address for u in plan.upstreams] == [C, A]
+    assert [(r.domain, [u.address for u in r.upstreams]) for r in plan.routes] == [
+        ("corp.example", [C])
+    ]
+    split = policy.decide([eth, vpn], dataclasses.replace(conf(), split_dns=True), ks, T0)
+    assert {r.domain for r in split.routes} == {"corp.example", "home.example"}
+
+
+def test_ignored_own_and_static_resolvers() -> None:
+    ln = link("eth0", A, B, "127.0.0.153")
+    c = conf(
+        ignore_resolvers=frozenset({B}),
+        static_resolvers=(UpstreamSpec.parse("203.0.113.3#dns.example"),),
+    )
+    plan = policy.decide([ln], c, {}, T0, own_addresses={"127.0.0.153"})
+    assert [p.address for p in plan.probes] == [A, C]
+    assert plan.probes[1].settings.auth.auth_name == "dns.example"
+    assert [u.address for u in plan.upstreams] == [A, C]
+
+
+def test_probe_settings_follow_learnt_path_and_link_config() -> None:
+    ln = link("eth0", A)
+    k = know(
+        ln, A, Method.TLS_UPGRADE, Auth.NONE, path_first=Order.UPGRADE_FIRST, probed_at=T0 - 4000
+    )
+    (req,) = policy.decide([ln], conf(), kmap(k), T0).probes
+    assert req.settings.order is Order.UPGRADE_FIRST
+    (req,) = policy.decide(
+        [ln], conf(order="port-first", pins=frozenset({PIN1})), kmap(k), T0
+    ).probes
+    assert req.settings.order is Order.PORT_FIRST and req.settings.auth.pins == {PIN1}
+
+
+def _result(method: Method, *, pin: str | None = None, failed: bool = False) -> ProbeResult:
+    tls = TLSInfo("TLSv1.3", "x", pin, Auth.NONE) if pin else None
+    paths = (
+        (PathOutcome(ProbePath.PORT, Method.UNREACHABLE, failure=None, detail="refused"),)
+        if failed
+        else ()
+    )
+    auth = Auth.NONE if pin else None
+    return ProbeResult(A, Profile.OPPORTUNISTIC, method, method.private, auth, tls,
+                       Timings(answer_ms=12.0), 20.0, 30.0, True, False, paths)  # fmt: skip
+
+
+def test_learn_folds_results() -> None:
+    first = policy.learn(
+        None, _result(Method.TLS_PORT, pin=PIN1), network="n", now=T0, negative_cache=3600
+    )
+    assert (
+        first.tls_ok_at == T0 and first.path_first is Order.PORT_FIRST and first.latency_ms == 12.0
+    )
+    assert first.negative_until == 0 and first.pins_seen == (PIN1,)
+    again = policy.learn(
+        first, _result(Method.TLS_PORT, pin=PIN2), network="n", now=T0 + 1, negative_cache=3600
+    )
+    assert again.pins_seen == (PIN1, PIN2)
+    refused = policy.learn(
+        again, _result(Method.TCP_PLAIN), network="n", now=T0 + 2, negative_cache=3600
+    )
+    assert (
+        refused.negative_until == T0 + 3602 and refused.tls_ok_at == T0 + 1
+    )  # downgrade evidence kept
+    gone = policy.learn(
+        again, _result(Method.UNREACHABLE), network="n", now=T0 + 3, negative_cache=3600
+    )
+    assert gone.negative_until == 0  # offline is not "refused TLS"
