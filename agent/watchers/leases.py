@@ -1,0 +1,175 @@
+"""DHCP lease files for systems without NetworkManager: dhclient and systemd-networkd.
+
+Parsing is pure (text in, facts out); a missing or half-written file is not an
+error, just no facts. The watcher polls modification times: lease files change a
+few times an hour, and inotify is not in the standard library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.model import Link, NetResolver, Source
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lease:
+    ifname: str
+    resolvers: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    server: str | None = None  # DHCP server identifier: names the network
+    router: str | None = None
+
+
+def _addresses(values: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for v in values:
+        with contextlib.suppress(ValueError):
+            out.append(str(ipaddress.ip_address(v.strip().strip('"'))))
+    return tuple(out)
+
+
+_BLOCK = re.compile(r"\blease6?\s*\{(.*?)\n\}", re.S)
+_IFACE = re.compile(r'^\s*interface\s+"([^"]+)"\s*;', re.M)
+
+
+def parse_dhclient(text: str) -> dict[str, Lease]:
+    """dhclient.leases (v4 and v6): the last complete lease block per interface wins."""
+    out: dict[str, Lease] = {}
+    for block in _BLOCK.findall(text):
+        m = _IFACE.search(block)
+        if not m:
+            continue
+        ifname = m.group(1)
+        opts: dict[str, str] = {}
+        for raw in block.splitlines():
+            line = raw.strip().rstrip(";")
+            if line.startswith("option "):
+                name, _, value = line[len("option ") :].partition(" ")
+                opts[name] = value.strip()
+        dns = opts.get("domain-name-servers") or opts.get("dhcp6.name-servers") or ""
+        domains = (
+            opts.get("domain-search")
+            or opts.get("domain-name")
+            or opts.get("dhcp6.domain-search")
+            or ""
+        )
+        out[ifname] = Lease(
+            ifname,
+            _addresses(dns.split(",")),
+            tuple(
+                d.strip().strip('"').rstrip(".") for d in domains.split(",") if d.strip().strip('"')
+            ),
+            opts.get("dhcp-server-identifier") or opts.get("dhcp6.server-id"),
+            (opts.get("routers") or "").split(",")[0] or None,
+        )
+    return out
+
+
+def parse_networkd(text: str, ifname: str) -> Lease | None:
+    """/run/systemd/netif/leases/IFINDEX: KEY=value lines."""
+    kv = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            kv[key.strip()] = value.strip()
+    if "ADDRESS" not in kv:
+        return None  # half-written, or not a lease
+    domains = (kv.get("DOMAIN_SEARCH_LIST") or kv.get("DOMAINNAME") or "").split()
+    return Lease(
+        ifname,
+        _addresses(kv.get("DNS", "").split()),
+        tuple(d.rstrip(".") for d in domains),
+        kv.get("SERVER_ADDRESS"),
+        (kv.get("ROUTER") or "").split()[0] if kv.get("ROUTER") else None,
+    )
+
+
+def to_link(lease: Lease) -> Link:
+    return Link(
+        lease.ifname,
+        resolvers=tuple(NetResolver(a, source=Source.LEASE) for a in lease.resolvers),
+        domains=lease.domains,
+        dhcp_server=lease.server,
+    )
+
+
+def _ifname_of_index(index: str, sysfs: Path = Path("/sys/class/net")) -> str | None:
+    with contextlib.suppress(OSError):
+        for d in sysfs.iterdir():
+            if (d / "ifindex").read_text().strip() == index:
+                return d.name
+    return None
+
+
+def read_dirs(dirs: Iterable[Path]) -> dict[str, Link]:
+    """Every lease found under `dirs`, as links (the newest file per interface wins)."""
+    found: dict[str, tuple[float, Lease]] = {}
+    for d in dirs:
+        try:
+            files = [p for p in d.iterdir() if p.is_file()]
+        except OSError:
+            continue
+        for p in files:
+            try:
+                text = p.read_text(errors="replace")
+                mtime = p.stat().st_mtime
+            except OSError:
+                continue
+            leases: list[Lease] = []
+            if p.name.isdigit():
+                name = _ifname_of_index(p.name)
+                lease = parse_networkd(text, name) if name else None
+                leases = [lease] if lease else []
+            elif "lease" in p.name:
+                leases = list(parse_dhclient(text).values())
+            for lease in leases:
+                if lease.ifname not in found or found[lease.ifname][0] <= mtime:
+                    found[lease.ifname] = (mtime, lease)
+    return {name: to_link(lease) for name, (_, lease) in found.items()}
+
+
+class LeaseWatcher:
+    """Polls lease directories; on any change, calls `on_snapshot` with every lease found."""
+
+    def __init__(
+        self,
+        dirs: Iterable[str],
+        on_snapshot: Callable[[dict[str, Link]], None],
+        interval: float = 2.0,
+    ) -> None:
+        self.dirs = [Path(d) for d in dirs]
+        self.on_snapshot = on_snapshot
+        self.interval = interval
+        self._stamp: tuple[tuple[str, float], ...] | None = None
+
+    def _stamps(self) -> tuple[tuple[str, float], ...]:
+        out = []
+        for d in self.dirs:
+            with contextlib.suppress(OSError):
+                for p in d.iterdir():
+                    with contextlib.suppress(OSError):
+                        out.append((str(p), p.stat().st_mtime))
+        return tuple(sorted(out))
+
+    def poll(self) -> bool:
+        stamp = self._stamps()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        self.on_snapshot(read_dirs(self.dirs))
+        return True
+
+    async def run(self) -> None:
+        while True:
+            self.poll()
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,51 @@
+"""agent/watchers/leases.py: parsing real-format lease files; half-written files are no facts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.model import Link
+from agent.watchers import leases
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_dhclient_last_block_wins_v4_and_v6() -> None:
+    got = leases.parse_dhclient((DATA / "dhclient.eth0.leases").read_text())
+    assert set(got) == {"eth0", "wlan0", "eth1"}  # eth2's block is half-written: ignored
+    eth0 = got["eth0"]
+    assert eth0.resolvers == ("203.0.113.53",)
+    assert eth0.domains == ("lab.example", "corp.example")
+    assert eth0.server == "198.51.100.1" and eth0.router == "198.51.100.1"
+    assert got["eth1"].resolvers == ("2001:db8::53", "2001:db8::54")
+    assert got["eth1"].domains == ("v6.example",)
+
+
+def test_networkd_lease() -> None:
+    lease = leases.parse_networkd((DATA / "networkd-lease").read_text(), "eth0")
+    assert lease is not None
+    assert lease.resolvers == ("198.51.100.1", "198.51.100.2")  # junk dropped
+    assert lease.domains == ("lab.example",) and lease.server == "198.51.100.1"
+    assert leases.parse_networkd("T1=300\n", "eth0") is None  # half-written
+
+
+def test_garbage_is_no_facts() -> None:
+    assert leases.parse_dhclient("\x00\xff lease { garbage") == {}
+    assert leases.parse_dhclient("") == {}
+
+
+def test_watcher_polls_directories(tmp_path: Path) -> None:
+    seen: list[dict[str, Link]] = []
+    w = leases.LeaseWatcher([str(tmp_path), str(tmp_path / "missing")], seen.append)
+    assert w.poll() and seen[-1] == {}
+    assert not w.poll()  # nothing changed
+    lease = tmp_path / "dhclient.eth0.leases"
+    lease.write_text((DATA / "dhclient.eth0.leases").read_text())
+    os.utime(lease, (1, 1))
+    assert w.poll()
+    links = seen[-1]
+    assert set(links) == {"eth0", "wlan0", "eth1"}
+    eth0 = links["eth0"]
+    assert [r.address for r in eth0.resolvers] == ["203.0.113.53"]
+    assert eth0.network_id == "dhcp:eth0:198.51.100.1"
