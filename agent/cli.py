@@ -211,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-fastopen", action="store_true", help="no TCP Fast Open to upstreams")
     t.add_argument("--no-padding", action="store_true", help="do not pad queries (RFC 8467)")
     t.add_argument(
-        "--no-uvloop",
-        action="store_true",
-        help="use asyncio's own loop even if uvloop is installed",
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="event loop (default asyncio: measured as fast as uvloop here, with a better p99)",
     )
     t.set_defaults(func=cmd_tunnel)
 
@@ -360,13 +361,13 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
         pad=not args.no_padding,
     )
     loop_factory = None
-    if not args.no_uvloop:
+    if args.loop == "uvloop":
         try:
             import uvloop  # noqa: PLC0415 - optional
 
             loop_factory = uvloop.new_event_loop
         except ImportError:
-            LOG.debug("uvloop is not installed; using asyncio's loop")
+            raise UsageError("--loop uvloop: uvloop is not installed (python3-uvloop)") from None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(_run_tunnel(cfg))
     return EXIT_OK
