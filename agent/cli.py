@@ -13,9 +13,10 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from agent import __version__, config
+from agent import __version__, config, control, daemon
+from agent.control import SOCKET_NAME
 from agent.errors import AgentError, UsageError
 from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile, UpstreamSpec
 from agent.probe import probe_many
@@ -83,10 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)"
     )
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"configuration file (default {config.DEFAULT_FILE}, and FILE.d/*.toml)",
+    )
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser
     )
 
+    _add_probe(sub)
+    _add_tunnel(sub)
+    _add_daemon(sub)
+    _add_config(sub)
+    return parser
+
+
+Sub = Any  # argparse's subparsers action has no public type
+
+
+def _add_probe(sub: Sub) -> None:
     p = sub.add_parser(
         "probe",
         help="probe resolvers for DNS over TLS (port 853, then the STARTTLS upgrade)",
@@ -154,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_probe)
 
+
+def _add_tunnel(sub: Sub) -> None:
     t = sub.add_parser(
         "tunnel",
         help="run the local TLS tunnel alone, in the foreground",
@@ -218,6 +240,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_tunnel)
 
+
+def _add_daemon(sub: Sub) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run the agent: follow the network, probe, keep the tunnel's order (foreground)",
+        description="The daemon. Follows NetworkManager (D-Bus), the kernel (netlink) and DHCP "
+        "lease files, probes the resolvers they name, and hands the tunnel the preferred "
+        "order. READY=1 to systemd after the first decision; SIGHUP reloads the "
+        "configuration; SIGTERM stops.",
+    )
+    r.set_defaults(func=cmd_run)
+    for name, text in (
+        ("status", "show what the running agent knows and does"),
+        ("reprobe", "ask the running agent to probe every resolver again now"),
+    ):
+        sp = sub.add_parser(name, help=text, description=text)
+        sp.add_argument(
+            "--socket", type=Path, metavar="PATH", help="control socket (default from config)"
+        )
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        sp.set_defaults(func=cmd_status if name == "status" else cmd_reprobe)
+    n = sub.add_parser(
+        "notify",
+        help="tell the running agent that an interface changed (the dispatcher hook's call)",
+        description="Pokes the running agent, which then re-reads the network's state. Never "
+        "fails and never waits long: exit status 0 even when the agent is not running.",
+    )
+    n.add_argument("interface", nargs="?", default="", metavar="IFACE")
+    n.add_argument("action", nargs="?", default="", metavar="ACTION")
+    n.add_argument(
+        "--socket", type=Path, metavar="PATH", help="control socket (default from config)"
+    )
+    n.set_defaults(func=cmd_notify)
+
+
+def _add_config(sub: Sub) -> None:
     c = sub.add_parser("config", help="work with the configuration file")
     csub = c.add_subparsers(
         dest="config_command", metavar="ACTION", required=True, parser_class=_Parser
@@ -229,14 +288,83 @@ def build_parser() -> argparse.ArgumentParser:
         "files in FILE.d/ are valid, 2 otherwise, with one line per problem: file:line: key: "
         "what is wrong.",
     )
-    check.add_argument("file", nargs="?", type=Path, default=config.DEFAULT_FILE, metavar="FILE")
+    check.add_argument("file", nargs="?", type=Path, default=None, metavar="FILE")
     check.set_defaults(func=cmd_config_check)
-    return parser
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    if args.socket:
+        return Path(args.socket)
+    try:
+        runtime = config.load(args.config).runtime_dir
+    except config.ConfigError:
+        runtime = config.Config().runtime_dir
+    return Path(runtime) / SOCKET_NAME
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = daemon.load_or_explain(args.config)
+    asyncio.run(daemon.run(cfg, args.config))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    answer = control.ask(_socket(args), {"command": "status"})
+    if args.json:
+        print(json.dumps(answer["status"], indent=2))
+    else:
+        print(format_status(answer["status"]))
+    return EXIT_OK
+
+
+def cmd_reprobe(args: argparse.Namespace) -> int:
+    control.ask(_socket(args), {"command": "reprobe"})
+    return EXIT_OK
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    request = {"command": "notify", "interface": args.interface, "action": args.action}
+    try:
+        control.ask(_socket(args), request, timeout=1.0)
+    except control.ControlError as exc:
+        LOG.info("%s", exc)  # the agent down is not the dispatcher's problem
+    return EXIT_OK
+
+
+def format_status(st: dict[str, Any]) -> str:
+    tunnel = st.get("tunnel", {})
+    lines = [
+        f"profile: {st.get('profile') or 'none'} ({st.get('reason')})",
+        f"tunnel: {tunnel.get('mode')} on {', '.join(tunnel.get('listen', []))}; "
+        f"connectivity: {st.get('connectivity')}",
+        "order: " + (", ".join(st.get("order", [])) or "none"),
+    ]
+    for domain, ups in st.get("routes", {}).items():
+        lines.append(f"  {domain} -> {', '.join(ups)}")
+    for link in st.get("interfaces", []):
+        state = "up" if link["up"] else "down"
+        lines.append(f"{link['interface']} ({state}, {link['profile']}, {link['network']})")
+        for r in link["resolvers"]:
+            lat = f"{r['latency_ms']:.1f}ms" if r.get("latency_ms") is not None else "-"
+            how = " ".join(x for x in (r.get("method"), r.get("auth")) if x) or "unknown"
+            use = "used" if r["used"] else "not used"
+            probing = " (probing)" if r.get("probing") else ""
+            lines.append(f"  {r['address']:<39} {how:<20} {lat:>8}  {use}: {r['reason']}{probing}")
+    for w in st.get("warnings", []):
+        lines.append(f"WARNING {w['alert']}: {w['text']}")
+    for up in tunnel.get("upstreams", []):
+        p50 = up.get("p50_ms")
+        lines.append(
+            f"  upstream {up['upstream']}: {up['state']}, {up['queries']} queries, "
+            f"{up['failures']} failures, {up['resumptions']} resumed"
+            + (f", p50 {p50:.2f}ms" if p50 is not None else "")
+        )
+    return "\n".join(lines)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     try:
-        cfg = config.load(args.file, missing_ok=False)
+        cfg = config.load(args.file or args.config or config.DEFAULT_FILE, missing_ok=False)
     except config.ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

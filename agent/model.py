@@ -109,6 +109,7 @@ class UpstreamSpec:
     port: int = 853
     auth_name: str | None = None
     pins: frozenset[str] = frozenset()
+    ca_file: str | None = None  # CA bundle for this resolver; None: the tunnel's, else the system's
 
     @property
     def private(self) -> bool:

@@ -196,7 +196,7 @@ def probe_settings(
 
 def _upstream(r: NetResolver, s: LinkSettings, method: Method) -> UpstreamSpec:
     port = (r.port or 853) if method is Method.TLS_PORT else 53
-    return UpstreamSpec(r.address, method, port, r.auth_name or s.auth_name, s.pins)
+    return UpstreamSpec(r.address, method, port, r.auth_name or s.auth_name, s.pins, s.ca_file)
 
 
 def decide(
@@ -207,8 +207,13 @@ def decide(
     *,
     own_addresses: Collection[str] = (),
     probing: Collection[tuple[str, str]] = (),
+    joined: Mapping[str, float] | None = None,
 ) -> Plan:
-    """The whole machine's plan. `probing`: (network, address) pairs being probed right now."""
+    """The whole machine's plan.
+
+    `probing`: (network, address) pairs being probed right now. `joined`: when each
+    network was (re)joined; what was learnt before that is used at once and revalidated.
+    """
     active: list[tuple[Link, LinkSettings, Profile]] = []
     for link in links:
         s = settings_for(config, link)
@@ -219,7 +224,7 @@ def decide(
         return Plan(None, (), (), (), (), (), None, "no interface with resolvers to manage")
     # One tunnel serves every query of the machine: the strictest link sets its profile.
     machine = max((p for _, _, p in active), key=_STRICTNESS.__getitem__)
-    d = _Decider(machine, now, probing, knowledge)
+    d = _Decider(machine, now, probing, knowledge, joined or {})
     for link, s, link_profile in active:
         d.link(link, s, link_profile, own_addresses)
     d.candidates.sort(key=lambda c: (c.tier >= 3, c.link_rank, c.tier, c.latency, c.index))
@@ -248,9 +253,11 @@ class _Decider:
         now: float,
         probing: Collection[tuple[str, str]],
         knowledge: Mapping[tuple[str, str], Knowledge],
+        joined: Mapping[str, float],
     ) -> None:
         self.machine = machine
         self.knowledge = knowledge
+        self.joined = joined
         self.now = now
         self.probing = probing
         self.candidates: list[_Candidate] = []
@@ -283,6 +290,8 @@ class _Decider:
             self.wake.append(k.negative_until)
         elif now - k.probed_at >= s.reprobe_interval:
             why = f"re-probe: last probed {now - k.probed_at:.0f} s ago"
+        elif k.probed_at < self.joined.get(net, 0.0):
+            why = "network rejoined: revalidating what was learnt here"
         else:
             self.wake.append(k.probed_at + s.reprobe_interval)
         if why:

@@ -213,6 +213,17 @@ def truncated_reply(query: bytes, info: QueryInfo, response: bytes) -> bytes:
     return _reply(query, info, (rflags & ~RCODE_MASK & 0xFFFF) | TC | QR | (rflags & RCODE_MASK))
 
 
+def qname(buf: bytes, info: QueryInfo) -> str:
+    """The question's name, lower case, without the trailing dot ("" for the root)."""
+    labels = []
+    pos, end = 12, info.question_end - 4
+    while pos < end and buf[pos] and not buf[pos] & 0xC0:
+        n = buf[pos]
+        labels.append(buf[pos + 1 : pos + 1 + n].decode("ascii", "replace").lower())
+        pos += 1 + n
+    return ".".join(labels)
+
+
 def udp_limit(info: QueryInfo) -> int:
     return info.payload if info.edns else UDP_DEFAULT
 

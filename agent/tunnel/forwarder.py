@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -66,8 +67,7 @@ class TunnelConfig:
 
 
 def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
-    if not specs:
-        raise UsageError("the tunnel needs at least one upstream")
+    """An empty order is allowed: the tunnel then answers SERVFAIL (mode DOWN)."""
     if len(specs) > 60:
         raise UsageError(f"{len(specs)} upstreams; at most 60")
     for s in specs:
@@ -98,7 +98,9 @@ class Tunnel:
         self.udp: list[UdpListener] = []
         self.tcp: list[TcpListener] = []
         self._ticker: asyncio.Task[None] | None = None
+        self.routes: list[tuple[str, list[Upstream]]] = []  # longest suffix first
         self._set(cfg.upstreams)
+        self._update_mode()
 
     # -- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -155,7 +157,9 @@ class Tunnel:
 
     # -- the order ---------------------------------------------------------------------
     def _auth(self, spec: UpstreamSpec) -> AuthSpec:
-        return AuthSpec(self.cfg.profile, spec.pins, spec.auth_name, self.cfg.ca_file)
+        return AuthSpec(
+            self.cfg.profile, spec.pins, spec.auth_name, spec.ca_file or self.cfg.ca_file
+        )
 
     def _set(self, specs: Sequence[UpstreamSpec]) -> None:
         old = {up.spec: up for up in self.upstreams}
@@ -181,18 +185,47 @@ class Tunnel:
             up.retired = True
             self._retired.append(up)
 
-    def set_upstreams(self, specs: Sequence[UpstreamSpec]) -> None:
-        """Hand the tunnel a new order, atomically; nothing in flight is lost."""
-        check_upstreams(specs, self.cfg.profile)
+    def set_upstreams(
+        self,
+        specs: Sequence[UpstreamSpec],
+        *,
+        profile: Profile | None = None,
+        routes: Sequence[tuple[str, Sequence[UpstreamSpec]]] = (),
+    ) -> None:
+        """Hand the tunnel a new order (and profile, and split-DNS routes), atomically;
+        nothing in flight is lost. A new profile changes how every upstream authenticates:
+        their connections are replaced."""
+        profile = profile or self.cfg.profile
+        check_upstreams(specs, profile)
+        if profile is not self.cfg.profile:
+            LOG.info("tunnel profile %s -> %s", self.cfg.profile, profile)
+            self.cfg = dataclasses.replace(self.cfg, profile=profile)
+            for up in self.upstreams:
+                up.retired = True
+                self._retired.append(up)
+            self.upstreams = []
         self._set(specs)
+        self.routes = sorted(
+            ((d.strip(".").lower(), [u for s in ups if (u := self.upstream(s)) is not None])
+             for d, ups in routes),
+            key=lambda r: -len(r[0]),
+        )  # fmt: skip
         for p in self._order:
             p.tried = 0  # indexes changed meaning
+            p.group = None
         for up in self._retired:
             queued, up.queue = up.queue, []  # waiting for a connection that is not wanted now
             self.reroute(queued, None)
             if up.conn is not None and not up.conn.inflight:
                 up.close()
         self._update_mode()
+
+    def _group_of(self, wire: bytes, info: packet.QueryInfo) -> list[Upstream] | None:
+        name = packet.qname(wire, info)
+        for domain, ups in self.routes:
+            if name == domain or name.endswith("." + domain):
+                return ups
+        return None
 
     # -- queries in ---------------------------------------------------------------------
     def on_query(self, wire: bytes, sink: Sink, addr: Any) -> None:
@@ -216,17 +249,21 @@ class Tunnel:
             wire, added = packet.pad_query(wire, info)
         now = self.loop.time()
         p = Pending(sink, addr, wire, info, added, now + self.cfg.query_timeout)
+        if self.routes:
+            p.group = self._group_of(wire, info)
         self.pending += 1
         self._order.append(p)
         self.route(p, now)
 
     def route(self, p: Pending, now: float) -> None:
-        for up in self.private:
+        group = p.group  # split DNS: these names never go anywhere else
+        for up in self.private if group is None else [u for u in group if u.spec.private]:
             if not p.tried & up.bit and up.available:
                 up.submit(p, now)
                 return
-        if self.plain:
-            for up in self.plain:
+        plain = self.plain if group is None else [u for u in group if not u.spec.private]
+        if plain:
+            for up in plain:
                 if not p.tried & up.bit and up.available:
                     self._set_mode(Mode.CLEARTEXT)
                     self.stats.cleartext += 1

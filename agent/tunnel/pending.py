@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent.dns.packet import QueryInfo
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from agent.tunnel.connection import UpstreamConn
+    from agent.tunnel.upstream import Upstream
 
 
 class Sink(Protocol):
@@ -31,6 +34,7 @@ class Pending:
         "conn",
         "deadline",
         "done",
+        "group",
         "info",
         "query",
         "resends",
@@ -55,3 +59,4 @@ class Pending:
         self.uid = -1  # ID on the upstream connection
         self.conn: UpstreamConn | None = None
         self.done = False
+        self.group: Sequence[Upstream] | None = None  # split DNS: only these upstreams

@@ -214,7 +214,8 @@ class NMWatcher:
                 attempt = 0
                 await self._follow()
             except (OSError, NMError, EOFError) as exc:
-                LOG.warning("NetworkManager bus: %s; retrying", exc)
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                LOG.log(level, "NetworkManager bus: %s; retrying", exc)
             finally:
                 if self.bus is not None:
                     self.bus.disconnect()

@@ -250,3 +250,14 @@ def test_learn_folds_results() -> None:
         again, _result(Method.UNREACHABLE), network="n", now=T0 + 3, negative_cache=3600
     )
     assert gone.negative_until == 0  # offline is not "refused TLS"
+
+
+def test_rejoined_network_uses_what_it_knows_and_revalidates() -> None:
+    ln = link("wlan0", A, connection_uuid="u-home")
+    k = know(ln, A, Method.TLS_UPGRADE, Auth.NONE, probed_at=T0 - 600)
+    plan = policy.decide([ln], conf(), kmap(k), T0, joined={ln.network_id: T0})
+    assert plan.upstreams == (UpstreamSpec(A, Method.TLS_UPGRADE, 53),)  # at once
+    (req,) = plan.probes
+    assert req.reason.startswith("network rejoined") and req.settings.order is Order.PORT_FIRST
+    quiet = policy.decide([ln], conf(), kmap(k), T0, joined={ln.network_id: T0 - 700})
+    assert quiet.probes == ()

@@ -442,3 +442,41 @@ def test_new_order_switches_atomically(certs: Certs) -> None:
             assert t.stats.servfail == 0
 
     run(go())
+
+
+def test_split_dns_routes_and_profile_switch(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as home, peer(certs.good) as corp, tunnel(tls_up(home)) as t:
+            t.set_upstreams([tls_up(home), tls_up(corp)], routes=[("corp.example", [tls_up(corp)])])
+            assert a_of(await ask(t, "intranet.corp.example")) == PEER_A
+            assert a_of(await ask(t, "www.example.org")) == PEER_A
+            assert [s.qname for s in corp.seen if s.via.startswith("tls")].count(
+                "intranet.corp.example."
+            ) == 1
+            assert "intranet.corp.example." not in [s.qname for s in home.seen]  # never elsewhere
+            assert "www.example.org." not in [s.qname for s in corp.seen]
+            # the group is down: its names get SERVFAIL rather than leaking to another resolver
+            await corp.stop()
+            r = await ask(t, "mail.corp.example")
+            assert r.rcode() == dns.rcode.SERVFAIL
+            assert "mail.corp.example." not in [s.qname for s in home.seen]
+            # strict now: the same order, authenticated (by IP address) or nothing
+            t.set_upstreams([tls_up(home)], profile=Profile.STRICT)
+            assert t.cfg.profile is Profile.STRICT and t.routes == []
+            r = await ask(t, "after.switch.test")
+            assert r.rcode() == dns.rcode.SERVFAIL  # the system CA does not know our test CA
+            t.set_upstreams([tls_up(home, "dns.test")], profile=Profile.OPPORTUNISTIC)
+            assert a_of(await ask(t, "back.test")) == PEER_A
+
+    run(go())
+
+
+def test_empty_order_answers_servfail(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(certs.good) as p, tunnel(tls_up(p)) as t:
+            t.set_upstreams([])
+            assert t.mode is Mode.DOWN
+            r = await ask(t, "nothing.test")
+            assert r.rcode() == dns.rcode.SERVFAIL
+
+    run(go())

@@ -1,0 +1,162 @@
+"""`dnstls-agent run`: wiring, signals, readiness, and a clean stop.
+
+Starts the tunnel, the engine, the watchers and the control socket; tells systemd
+when the first decision is made (READY=1), keeps it informed (STATUS=), pets the
+watchdog; SIGHUP reloads the configuration (a broken one is refused, the old one
+kept), SIGTERM/SIGINT stop everything in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from agent import config as configmod
+from agent import sdnotify
+from agent.config import Config
+from agent.control import SOCKET_NAME, ControlServer
+from agent.engine import Engine
+from agent.errors import UsageError
+from agent.model import Profile
+from agent.state import Store
+from agent.tunnel import Tunnel, TunnelConfig
+from agent.watchers.leases import LeaseWatcher
+from agent.watchers.netlink import NetlinkWatcher
+from agent.watchers.nm import NMWatcher
+
+LOG = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, config_path: Path | None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.stopping = asyncio.Event()
+        self.tunnel: Tunnel | None = None
+        self.engine: Engine | None = None
+        self.control: ControlServer | None = None
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        self.tunnel = Tunnel(
+            TunnelConfig(
+                upstreams=(),
+                profile=Profile.OPPORTUNISTIC,
+                listen=cfg.listen,
+                idle_timeout=cfg.idle_timeout,
+            )
+        )
+        await self.tunnel.start()
+        store = Store(Path(cfg.state_dir))
+        engine = Engine(cfg, self.tunnel, store, own_addresses={h for h, _ in cfg.listen})
+        self.engine = engine
+        self.control = ControlServer(Path(cfg.runtime_dir) / SOCKET_NAME, self.handle)
+        try:
+            await self.control.start()
+            self._spawn(engine.run(), "engine")
+            self._spawn(
+                NMWatcher(engine.on_nm, bus_address=cfg.nm_bus or None).run(),
+                "NetworkManager watcher",
+            )
+            if cfg.netlink:
+                self._spawn(NetlinkWatcher(engine.on_netlink).run(), "netlink watcher")
+            if cfg.lease_dirs:
+                self._spawn(LeaseWatcher(cfg.lease_dirs, engine.on_leases).run(), "lease watcher")
+            self._signals()
+            await asyncio.wait_for(engine.ready.wait(), 30)
+            sdnotify.notify("READY=1")
+            LOG.info("ready: %s", engine.plan.reason if engine.plan else "")
+            self._spawn(self._status_loop(), "status")
+            await self.stopping.wait()
+        finally:
+            await self.stop()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._ended)
+        self.tasks.append(task)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self.stopping.is_set():
+            return
+        exc = task.exception()
+        LOG.error("%s stopped unexpectedly: %r; stopping", task.get_name(), exc)
+        self.stopping.set()
+
+    def _signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def reload(self) -> None:
+        sdnotify.notify("RELOADING=1")
+        try:
+            cfg = configmod.load(self.config_path)
+        except configmod.ConfigError as exc:
+            LOG.error("configuration not reloaded, keeping the old one:\n%s", exc)
+        else:
+            if (cfg.listen, cfg.state_dir, cfg.runtime_dir) != (
+                self.cfg.listen,
+                self.cfg.state_dir,
+                self.cfg.runtime_dir,
+            ):
+                LOG.warning("listen, state_dir and runtime_dir change only on restart")
+            self.cfg = cfg
+            assert self.engine is not None
+            self.engine.reload(cfg)
+            LOG.info("configuration reloaded from %s", ", ".join(cfg.files) or "defaults")
+        sdnotify.notify("READY=1")
+
+    async def _status_loop(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        while True:
+            engine, tunnel = self.engine, self.tunnel
+            if engine and tunnel and engine.plan:
+                sdnotify.notify(f"STATUS={engine.plan.reason}; tunnel {tunnel.mode}")
+            if interval:
+                sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(min(interval or 5.0, 5.0))
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        engine = self.engine
+        assert engine is not None
+        command = request.get("command")
+        if command == "status":
+            return {"ok": True, "status": engine.status()}
+        if command == "notify":
+            iface, action = str(request.get("interface", "")), str(request.get("action", ""))
+            engine.poke(f"dispatcher: {iface} {action}")
+            return {"ok": True}
+        if command == "reprobe":
+            engine.reprobe()
+            return {"ok": True}
+        raise UsageError(f"unknown command {command!r}")
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        sdnotify.notify("STOPPING=1")
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.control is not None:
+            await self.control.close()
+        if self.tunnel is not None:
+            await self.tunnel.stop()
+        LOG.info("stopped")
+
+
+async def run(cfg: Config, config_path: Path | None) -> None:
+    await Daemon(cfg, config_path).run()
+
+
+def load_or_explain(path: Path | None) -> Config:
+    """The configuration, or a UsageError listing every problem (the daemon refuses to start)."""
+    try:
+        return configmod.load(path)
+    except configmod.ConfigError as exc:
+        raise UsageError(f"refusing to start, the configuration has problems:\n{exc}") from None

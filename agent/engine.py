@@ -1,0 +1,315 @@
+"""The one place that sequences side effects.
+
+watcher snapshot -> link table (mark and sweep per source) -> policy -> probes ->
+policy again -> tunnel (new order, atomically) -> state. Events are debounced; probes
+run with bounded concurrency; the plan is re-made when a probe ends, a watcher
+reports, the configuration is reloaded, or the plan's own wake-up time comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, Protocol
+
+from agent.config import Config
+from agent.model import Link, ProbeResult, ProbeSettings, Profile, Source, UpstreamSpec
+from agent.policy import Plan, ProbeRequest, Warning, decide, learn, settings_for
+from agent.probe import probe
+from agent.state import State, Store
+from agent.watchers.nm import NMSnapshot
+
+LOG = logging.getLogger(__name__)
+
+Prober = Callable[[str, ProbeSettings], Awaitable[ProbeResult]]
+
+
+class TunnelControl(Protocol):
+    """What the engine needs of the tunnel."""
+
+    def set_upstreams(
+        self,
+        specs: Sequence[UpstreamSpec],
+        *,
+        profile: Profile | None = None,
+        routes: Sequence[tuple[str, Sequence[UpstreamSpec]]] = (),
+    ) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class LinkTable:
+    """Facts per source. A snapshot replaces everything its source said before."""
+
+    def __init__(self) -> None:
+        self.by_source: dict[Source, dict[str, Link]] = {}
+
+    def replace(self, source: Source, links: Mapping[str, Link]) -> bool:
+        new = dict(links)
+        if self.by_source.get(source) == new:
+            return False
+        self.by_source[source] = new
+        return True
+
+    def merged(self) -> list[Link]:
+        """One Link per interface: NetworkManager's view first, else the lease's; the kernel
+        says whether it is up and has the default route, and adds RA resolvers where
+        NetworkManager does not manage the interface."""
+        nm = self.by_source.get(Source.NM, {})
+        lease = self.by_source.get(Source.LEASE, {})
+        kernel = self.by_source.get(Source.NETLINK, {})
+        names = set(nm) | set(lease) | {n for n, k in kernel.items() if k.resolvers}
+        out = []
+        for name in sorted(names):
+            base = nm.get(name) or lease.get(name) or kernel[name]
+            k = kernel.get(name)
+            if k is not None:
+                extra = (
+                    () if name in nm else tuple(r for r in k.resolvers if r not in base.resolvers)
+                )
+                base = dataclasses.replace(
+                    base,
+                    up=base.up and k.up,
+                    resolvers=base.resolvers + extra,
+                    default_route=base.default_route or k.default_route,
+                )
+            out.append(base)
+        return out
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        tunnel: TunnelControl,
+        store: Store,
+        *,
+        own_addresses: Collection[str] = (),
+        prober: Prober = probe,
+        clock: Callable[[], float] = time.time,
+        on_warnings: Callable[[list[Warning], list[Warning]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.tunnel = tunnel
+        self.store = store
+        self.state: State = store.load()
+        self.own = set(own_addresses)
+        self.prober = prober
+        self.clock = clock
+        self.on_warnings = on_warnings
+        self.links = LinkTable()
+        self.connectivity = "unknown"
+        self.plan: Plan | None = None
+        self.applied: tuple[Any, ...] | None = None
+        self.warnings: list[Warning] = []
+        self.joined: dict[str, float] = {}  # network -> when it appeared (wall clock)
+        self.probing: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.ready = asyncio.Event()  # set after the first decision
+        self._dirty = asyncio.Event()
+        self._limit = asyncio.Semaphore(config.max_parallel_probes)
+        self._save_due = False
+        self.decisions = 0
+
+    # -- inputs (sync: watchers call these) ----------------------------------------------------
+    def on_nm(self, snap: NMSnapshot) -> None:
+        if not snap.running:
+            LOG.warning("NetworkManager is not on the bus; keeping what it said last")
+            return
+        self.connectivity = snap.connectivity
+        self._replace(Source.NM, snap.links)
+
+    def on_netlink(self, links: Mapping[str, Link]) -> None:
+        self._replace(Source.NETLINK, links)
+
+    def on_leases(self, links: Mapping[str, Link]) -> None:
+        self._replace(Source.LEASE, links)
+
+    def _replace(self, source: Source, links: Mapping[str, Link]) -> None:
+        if self.links.replace(source, links):
+            self.poke(f"{source} changed")
+
+    def poke(self, why: str) -> None:
+        LOG.debug("re-planning: %s", why)
+        self._dirty.set()
+
+    def reprobe(self) -> None:
+        """Forget freshness: every resolver in use is probed again now."""
+        now = self.clock()
+        for link in self.links.merged():
+            self.joined[link.network_id] = now
+        self.poke("re-probe asked for")
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self._limit = asyncio.Semaphore(config.max_parallel_probes)
+        self.poke("configuration reloaded")
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        self._dirty.set()
+        try:
+            while True:
+                timeout = None
+                if self.plan is not None and self.plan.wake_at is not None:
+                    timeout = max(0.0, self.plan.wake_at - self.clock())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), timeout)
+                await asyncio.sleep(self.config.debounce)
+                self._dirty.clear()
+                self.step()
+        finally:
+            for task in self.probing.values():
+                task.cancel()
+            await asyncio.gather(*self.probing.values(), return_exceptions=True)
+            self.save()
+
+    def step(self) -> Plan:
+        """Decide once and carry the decision out."""
+        now = self.clock()
+        links = self.links.merged()
+        for link in links:
+            if link.up and link.network_id not in self.joined:
+                self.joined[link.network_id] = now
+        present = {link.network_id for link in links if link.up}
+        self.joined = {net: t for net, t in self.joined.items() if net in present}
+        plan = decide(
+            links,
+            self.config,
+            self.state.knowledge,
+            now,
+            own_addresses=self.own,
+            probing=set(self.probing),
+            joined=self.joined,
+        )
+        self.plan = plan
+        self.decisions += 1
+        self._apply(plan, links)
+        for req in plan.probes:
+            self._start_probe(req)
+        self._warn(list(plan.warnings))
+        if self._save_due:
+            self.save()
+        self.ready.set()
+        return plan
+
+    def _apply(self, plan: Plan, links: list[Link]) -> None:
+        routes = tuple((r.domain, r.upstreams) for r in plan.routes)
+        wanted = (plan.profile, plan.upstreams, routes)
+        if wanted == self.applied:
+            return
+        self.applied = wanted
+        LOG.info(
+            "order (%s): %s",
+            plan.profile or "nothing to manage",
+            ", ".join(map(str, plan.upstreams)) or "none",
+        )
+        self.tunnel.set_upstreams(plan.upstreams, profile=plan.profile, routes=routes)
+        by_if = {link.ifname: link.network_id for link in links}
+        for link_name, net in by_if.items():
+            mine = [str(c.upstream) for c in plan.choices if c.ifname == link_name and c.upstream]
+            if mine and self.state.orders.get(net) != mine:
+                self.state.orders[net] = mine
+                self._save_due = True
+
+    def _warn(self, warnings: list[Warning]) -> None:
+        old = {(w.alert, w.ifname, w.address) for w in self.warnings}
+        new = {(w.alert, w.ifname, w.address) for w in warnings}
+        raised = [w for w in warnings if (w.alert, w.ifname, w.address) not in old]
+        cleared = [w for w in self.warnings if (w.alert, w.ifname, w.address) not in new]
+        for w in raised:
+            LOG.warning("%s: %s", w.alert, w.text)
+        for w in cleared:
+            LOG.info("no longer %s: %s", w.alert, w.ifname)
+        self.warnings = warnings
+        if (raised or cleared) and self.on_warnings is not None:
+            self.on_warnings(raised, cleared)
+
+    # -- probing ------------------------------------------------------------------------------
+    def _start_probe(self, req: ProbeRequest) -> None:
+        key = (req.network, req.address)
+        if key in self.probing:
+            return
+        LOG.info("probing %s on %s: %s", req.address, req.ifname, req.reason)
+        task = asyncio.create_task(self._probe(req), name=f"probe {req.address}")
+        self.probing[key] = task
+        task.add_done_callback(lambda _t: self.probing.pop(key, None))
+
+    async def _probe(self, req: ProbeRequest) -> None:
+        async with self._limit:
+            result = await self.prober(req.address, req.settings)
+        link = next((x for x in self.links.merged() if x.network_id == req.network), None)
+        s = settings_for(self.config, link) if link else self.config.defaults
+        previous = self.state.knowledge.get((req.network, req.address))
+        k = learn(
+            previous, result, network=req.network, now=self.clock(), negative_cache=s.negative_cache
+        )
+        self.state.remember(k)
+        self._save_due = True
+        auth = f", {result.auth}" if result.auth else ""
+        LOG.info("%s on %s: %s%s (%s)", req.address, req.ifname, result.method, auth,
+                 "; ".join(f"{p}: {w}" for p, w in result.failures.items()) or "ok")  # fmt: skip
+        self.poke(f"probe of {req.address} done")
+
+    def save(self) -> None:
+        self._save_due = False
+        try:
+            self.store.save(self.state)
+        except OSError as exc:
+            LOG.error("cannot save state to %s: %s", self.store.path, exc.strerror or exc)
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        plan = self.plan
+        links = self.links.merged()
+        out_links = []
+        for link in links:
+            s = settings_for(self.config, link)
+            resolvers = []
+            for r in link.resolvers:
+                k = self.state.knowledge.get((link.network_id, r.address))
+                choice = next(
+                    (
+                        c
+                        for c in (plan.choices if plan else ())
+                        if c.ifname == link.ifname and c.address == r.address
+                    ),
+                    None,
+                )
+                resolvers.append({
+                    "address": r.address,
+                    "method": k.method.value if k else None,
+                    "auth": k.auth.value if k and k.auth else None,
+                    "latency_ms": k.latency_ms if k else None,
+                    "probed_at": k.probed_at if k else None,
+                    "used": bool(choice and choice.upstream),
+                    "reason": choice.reason if choice else "",
+                    "probing": (link.network_id, r.address) in self.probing,
+                })  # fmt: skip
+            out_links.append({
+                "interface": link.ifname,
+                "up": link.up,
+                "network": link.network_id,
+                "profile": s.profile.value,
+                "domains": list(link.domains),
+                "vpn": link.vpn,
+                "resolvers": resolvers,
+            })  # fmt: skip
+        return {
+            "profile": plan.profile.value if plan and plan.profile else None,
+            "reason": plan.reason if plan else "starting",
+            "order": [str(u) for u in plan.upstreams] if plan else [],
+            "routes": {r.domain: [str(u) for u in r.upstreams] for r in plan.routes}
+            if plan
+            else {},
+            "connectivity": self.connectivity,
+            "warnings": [
+                {"alert": w.alert.value, "interface": w.ifname, "text": w.text}
+                for w in self.warnings
+            ],
+            "interfaces": out_links,
+            "tunnel": self.tunnel.status(),
+        }
