@@ -1,0 +1,205 @@
+"""agent/engine.py: snapshots in, decisions carried out, state kept, in the real tunnel.
+
+The prober is replaced by a table (`FakeProber`): the real one is tested on its own
+against real servers, and the engine's job is the sequencing around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from agent.config import Config, ConfigProfile, LinkSettings
+from agent.engine import Engine, LinkTable
+from agent.model import (
+    Auth,
+    Link,
+    Method,
+    NetResolver,
+    ProbeResult,
+    ProbeSettings,
+    Profile,
+    Source,
+    Timings,
+    TLSInfo,
+    UpstreamSpec,
+)
+from agent.policy import Alert, Warning
+from agent.state import Store
+from agent.tunnel import Tunnel, TunnelConfig
+from agent.watchers.nm import NMSnapshot
+from tests.conftest import run
+
+A, B = "198.51.100.1", "198.51.100.2"
+PIN = "pOXrpUt9kgPgbWxBFFcBTbRH2heo2wHwXp1fd4AEVXI="
+
+
+class FakeProber:
+    def __init__(self, methods: dict[str, Method], delay: float = 0.01) -> None:
+        self.methods = methods
+        self.delay = delay
+        self.calls: list[str] = []
+
+    async def __call__(self, address: str, settings: ProbeSettings) -> ProbeResult:
+        self.calls.append(address)
+        await asyncio.sleep(self.delay)
+        m = self.methods.get(address, Method.UNREACHABLE)
+        tls = TLSInfo("TLSv1.3", "x", PIN, Auth.NONE) if m.private else None
+        return ProbeResult(address, settings.auth.profile, m, m.private, Auth.NONE if tls else None,
+                           tls, Timings(answer_ms=5.0), 10, 10, None, None)  # fmt: skip
+
+
+def cfg(profile: str = "opportunistic") -> Config:
+    return Config(
+        defaults=dataclasses.replace(LinkSettings(), profile=ConfigProfile(profile)), debounce=0.01
+    )
+
+
+def eth0(*addrs: str, up: bool = True) -> Link:
+    return Link(
+        "eth0", up=up, resolvers=tuple(NetResolver(a) for a in addrs), connection_uuid="u-1"
+    )
+
+
+async def settle(engine: Engine, rounds: int = 40) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0.02)
+        if not engine.probing and not engine._dirty.is_set():
+            return
+
+
+async def started(
+    tmp: Path, prober: FakeProber, config: Config
+) -> tuple[Engine, Tunnel, asyncio.Task[None]]:
+    tunnel = Tunnel(TunnelConfig(upstreams=(), listen=(("127.0.0.1", 0),)))
+    await tunnel.start()
+    engine = Engine(config, tunnel, Store(tmp), prober=prober, own_addresses={"127.0.0.1"})
+    return engine, tunnel, asyncio.create_task(engine.run())
+
+
+async def stopped(tunnel: Tunnel, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await tunnel.stop()
+
+
+def test_snapshot_probe_decide_apply_save(tmp_path: Path) -> None:
+    async def go() -> None:
+        prober = FakeProber({A: Method.TLS_UPGRADE, B: Method.TCP_PLAIN})
+        engine, tunnel, task = await started(tmp_path, prober, cfg())
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A, B)}, "full"))
+            await settle(engine)
+            assert sorted(prober.calls) == [A, B]
+            assert [str(u.spec) for u in tunnel.upstreams if u.spec.private] == [
+                "tls-upgrade:198.51.100.1@53"
+            ]
+            assert engine.plan is not None and engine.plan.profile is Profile.OPPORTUNISTIC
+            st = engine.status()
+            assert st["connectivity"] == "full"
+            (iface,) = st["interfaces"]
+            assert [(r["address"], r["method"], r["used"]) for r in iface["resolvers"]] == [
+                (A, "tls-upgrade", True),
+                (B, "tcp-plain", True),  # opportunistic: cleartext, last
+            ]
+            assert st["order"] == ["tls-upgrade:198.51.100.1@53", "tcp-plain:198.51.100.2@53"]
+        finally:
+            await stopped(tunnel, task)
+        saved = Store(tmp_path).load()
+        assert {k.address for k in saved.knowledge.values()} == {A, B}
+        assert saved.orders["nm:u-1"] == st["order"]
+
+    run(go())
+
+
+def test_rejoining_uses_what_was_learnt_at_once(tmp_path: Path) -> None:
+    async def go() -> None:
+        first = FakeProber({A: Method.TLS_PORT})
+        engine, tunnel, task = await started(tmp_path, first, cfg())
+        engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+        await settle(engine)
+        await stopped(tunnel, task)
+        # a new agent process, the same network: the saved order is used before any probe ends
+        slow = FakeProber({A: Method.TLS_PORT}, delay=0.5)
+        engine, tunnel, task = await started(tmp_path, slow, cfg())
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+            await asyncio.sleep(0.05)
+            assert engine.plan is not None
+            assert engine.plan.upstreams == (UpstreamSpec(A, Method.TLS_PORT, 853),)
+            assert engine.plan.probes[0].reason.startswith("network rejoined")
+            await settle(engine)
+            assert slow.calls == [A]  # revalidated in the background
+        finally:
+            await stopped(tunnel, task)
+
+    run(go())
+
+
+def test_mark_and_sweep_and_sources(tmp_path: Path) -> None:
+    async def go() -> None:
+        prober = FakeProber({A: Method.TLS_PORT, B: Method.TLS_PORT})
+        engine, tunnel, task = await started(tmp_path, prober, cfg())
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+            engine.on_leases(
+                {"eth1": Link("eth1", resolvers=(NetResolver(B, source=Source.LEASE),))}
+            )
+            await settle(engine)
+            assert engine.plan is not None and {u.address for u in engine.plan.upstreams} == {A, B}
+            engine.on_nm(NMSnapshot({}))  # eth0 went away
+            await settle(engine)
+            assert [u.address for u in engine.plan.upstreams] == [B]
+            engine.on_nm(NMSnapshot(running=False))  # NM restarting: what it said is kept
+            engine.on_netlink({"eth1": Link("eth1", up=False)})  # the kernel: eth1 is down
+            await settle(engine)
+            assert engine.plan.upstreams == ()
+            assert tunnel.mode.value == "down"
+        finally:
+            await stopped(tunnel, task)
+
+    run(go())
+
+
+def test_warnings_are_raised_once_and_cleared(tmp_path: Path) -> None:
+    async def go() -> None:
+        seen: list[tuple[list[Warning], list[Warning]]] = []
+        prober = FakeProber({A: Method.TCP_PLAIN})
+        tunnel = Tunnel(TunnelConfig(upstreams=(), listen=(("127.0.0.1", 0),)))
+        await tunnel.start()
+        engine = Engine(cfg("strict"), tunnel, Store(tmp_path), prober=prober,
+                        on_warnings=lambda r, c: seen.append((r, c)))  # fmt: skip
+        task = asyncio.create_task(engine.run())
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+            await settle(engine)
+            engine.poke("again")
+            await settle(engine)
+            raised = [w.alert for r, _ in seen for w in r]
+            assert raised == [Alert.NO_PRIVATE_DNS]  # once, though decided twice
+            engine.on_nm(NMSnapshot({}))
+            await settle(engine)
+            assert [w.alert for _, c in seen for w in c] == [Alert.NO_PRIVATE_DNS]
+        finally:
+            await stopped(tunnel, task)
+
+    run(go())
+
+
+def test_link_table_merge() -> None:
+    t = LinkTable()
+    t.replace(Source.NM, {"eth0": eth0(A)})
+    ra1 = (NetResolver("2001:db8::53", source=Source.NETLINK),)
+    ra2 = (NetResolver("2001:db8::1", source=Source.NETLINK),)
+    t.replace(Source.NETLINK, {
+        "eth0": Link("eth0", up=True, default_route=True, resolvers=ra1),
+        "wlan0": Link("wlan0", up=True, resolvers=ra2),
+        "lo2": Link("lo2", up=True),
+    })  # fmt: skip
+    merged = {link.ifname: link for link in t.merged()}
+    assert set(merged) == {"eth0", "wlan0"}  # no resolvers anywhere: not a DNS link
+    assert [r.address for r in merged["eth0"].resolvers] == [A]  # NM's view is the whole truth
+    assert merged["eth0"].default_route
+    assert [r.address for r in merged["wlan0"].resolvers] == ["2001:db8::1"]  # RA, no NM
+    assert not t.replace(Source.NM, {"eth0": eth0(A)})  # the same again: no change
