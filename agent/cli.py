@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent import __version__, config, control, daemon
+from agent import __version__, config, control, daemon, sysconf
 from agent.control import SOCKET_NAME
 from agent.errors import AgentError, UsageError
 from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile, UpstreamSpec
@@ -251,6 +251,14 @@ def _add_daemon(sub: Sub) -> None:
         "configuration; SIGTERM stops.",
     )
     r.set_defaults(func=cmd_run)
+    rs = sub.add_parser(
+        "restore",
+        help="bring the system's stub resolver back to what it was before the agent",
+        description="Undoes every change the agent made to the system's DNS configuration, "
+        "as recorded in its state directory; safe to run at any time, also after a crash "
+        "(the systemd unit runs it after every stop).",
+    )
+    rs.set_defaults(func=cmd_restore)
     for name, text in (
         ("status", "show what the running agent knows and does"),
         ("reprobe", "ask the running agent to probe every resolver again now"),
@@ -304,7 +312,19 @@ def _socket(args: argparse.Namespace) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = daemon.load_or_explain(args.config)
-    asyncio.run(daemon.run(cfg, args.config))
+    failure = asyncio.run(daemon.run(cfg, args.config))
+    if failure:
+        print(f"dnstls-agent: {failure}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    try:
+        state_dir = config.load(args.config).state_dir
+    except config.ConfigError:
+        state_dir = config.Config().state_dir  # a broken file must not stop a restore
+    print(sysconf.restore(Path(state_dir)))
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -82,6 +83,14 @@ def _listen(text: str) -> None:
 
 def _absolute(v: str) -> str | None:
     return None if v == "" or v.startswith("/") else "must be an absolute path"
+
+
+def _readable_file(v: str) -> str | None:
+    if err := _absolute(v):
+        return err
+    if v and not os.access(v, os.R_OK):
+        return f"cannot read {v}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -240,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
         "",
         Scope.LINK,
         "CA bundle for strict authentication; empty: the system's.",
-        _absolute,
+        _readable_file,
         '"/etc/ssl/certs/ca-certificates.crt"',
     ),
     Option(

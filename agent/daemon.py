@@ -9,6 +9,7 @@ kept), SIGTERM/SIGINT stop everything in order.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from pathlib import Path
@@ -39,6 +40,7 @@ class Daemon:
         self.tunnel: Tunnel | None = None
         self.engine: Engine | None = None
         self.control: ControlServer | None = None
+        self.failure: str | None = None  # why it stopped, when it was not asked to
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -84,7 +86,8 @@ class Daemon:
         if task.cancelled() or self.stopping.is_set():
             return
         exc = task.exception()
-        LOG.error("%s stopped unexpectedly: %r; stopping", task.get_name(), exc)
+        self.failure = f"{task.get_name()} stopped unexpectedly: {exc!r}"
+        LOG.error("%s; stopping", self.failure)
         self.stopping.set()
 
     def _signals(self) -> None:
@@ -92,6 +95,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self._log_status)
+
+    def _log_status(self) -> None:
+        if self.engine is not None:
+            LOG.warning("status: %s", json.dumps(self.engine.status()))
 
     def reload(self) -> None:
         sdnotify.notify("RELOADING=1")
@@ -150,8 +158,11 @@ class Daemon:
         LOG.info("stopped")
 
 
-async def run(cfg: Config, config_path: Path | None) -> None:
-    await Daemon(cfg, config_path).run()
+async def run(cfg: Config, config_path: Path | None) -> str | None:
+    """Run until stopped; None when asked to stop, else why it stopped by itself."""
+    daemon = Daemon(cfg, config_path)
+    await daemon.run()
+    return daemon.failure
 
 
 def load_or_explain(path: Path | None) -> Config:

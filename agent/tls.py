@@ -64,8 +64,12 @@ def context_for(spec: AuthSpec) -> ssl.SSLContext:
     """The (shared, cached) client context for a resolver's AuthSpec.
 
     Shared contexts matter: OpenSSL keeps its client session cache per context.
+    An unreadable CA file is the resolver's failure to authenticate, with the reason.
     """
-    return _cached_context(needs_chain_validation(spec), spec.ca_file)
+    try:
+        return _cached_context(needs_chain_validation(spec), spec.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise CertificateRejected(f"CA file {spec.ca_file}: {exc}") from exc
 
 
 def check_peer(tls: TLSEngine, address: str, spec: AuthSpec) -> TLSInfo:

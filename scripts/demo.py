@@ -62,14 +62,14 @@ def main() -> int:
                 "--no-upgrade",
             )
             started.append(proc)
-            print(__doc__)
+            print(__doc__, flush=True)
             ports = [] if dns_port == 53 else common
             for extra in (
                 ["--profile", "strict", "--ca-file", str(ca.path)],
                 ["--profile", "opportunistic"],
             ):
                 argv = ["dnstls-agent", "probe", UNBOUND, UPGRADE_ONLY, CLEARTEXT, *extra, *ports]
-                print("$", " ".join(argv))
+                print("$", " ".join(argv), flush=True)
                 run = subprocess.run(
                     [sys.executable, "-m", "agent", *argv[1:]], cwd=ROOT, check=False
                 )

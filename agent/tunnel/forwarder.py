@@ -100,7 +100,7 @@ class Tunnel:
         self._ticker: asyncio.Task[None] | None = None
         self.routes: list[tuple[str, list[Upstream]]] = []  # longest suffix first
         self._set(cfg.upstreams)
-        self._update_mode()
+        self.mode = self._current_mode()  # the starting point: not a change to announce
 
     # -- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -365,14 +365,15 @@ class Tunnel:
     def _nothing_available(self) -> bool:
         return not any(u.available for u in self.upstreams)
 
-    def _update_mode(self) -> None:
+    def _current_mode(self) -> Mode:
         if any(u.available for u in self.private):
-            self._set_mode(Mode.PRIVATE)
-        elif any(u.available for u in self.plain):
-            if self.mode is Mode.DOWN:
-                self._set_mode(Mode.CLEARTEXT)
-        else:
-            self._set_mode(Mode.DOWN)
+            return Mode.PRIVATE
+        if any(u.available for u in self.plain):
+            return Mode.CLEARTEXT if self.mode is not Mode.PRIVATE else self.mode
+        return Mode.DOWN
+
+    def _update_mode(self) -> None:
+        self._set_mode(self._current_mode())
 
     def _set_mode(self, mode: Mode) -> None:
         if mode is self.mode:

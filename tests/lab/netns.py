@@ -77,7 +77,9 @@ def call_in(name: str, fn: Callable[[], T], timeout: float | None = None) -> T:
 
 
 def _ip(*args: str) -> None:
-    subprocess.run([need("ip"), *args], check=True, capture_output=True, text=True)
+    out = subprocess.run([need("ip"), *args], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip() or out.returncode}")
 
 
 class Netns:

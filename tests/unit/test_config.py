@@ -134,3 +134,12 @@ def test_unreadable_file(tmp_path: Path) -> None:
     p.write_bytes(b"\xff\xfe\x00 not utf-8")
     with pytest.raises(ConfigError, match="not UTF-8"):
         config.load(p)
+
+
+def test_ca_file_must_be_readable(tmp_path: Path) -> None:
+    p = write(tmp_path, f'ca_file = "{tmp_path}/missing.pem"\n')
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(p)
+    (tmp_path / "ca.pem").write_text("x")
+    ok = write(tmp_path, f'ca_file = "{tmp_path}/ca.pem"\n')
+    assert config.load(ok).defaults.ca_file == f"{tmp_path}/ca.pem"
