@@ -119,6 +119,10 @@ class UpstreamSpec:
         "tls": (Method.TLS_PORT, 853),
         "upgrade": (Method.TLS_UPGRADE, 53),
         "tcp": (Method.TCP_PLAIN, 53),
+        # the method names, as str(spec) and `status` print them, are accepted too
+        "tls-port": (Method.TLS_PORT, 853),
+        "tls-upgrade": (Method.TLS_UPGRADE, 53),
+        "tcp-plain": (Method.TCP_PLAIN, 53),
     }
 
     @classmethod

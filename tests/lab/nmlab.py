@@ -808,6 +808,17 @@ dhcp-hostname={HOSTNAME}
             bus.disconnect()
 
     # -- using it --------------------------------------------------------------------------
+    def stop_nm(self) -> None:
+        """NetworkManager goes away (as when it is restarted); the lease and link stay."""
+        assert self._nm is not None
+        self._nm.stop()
+
+    def start_nm(self) -> None:
+        """NetworkManager comes (back) on the bus; returns once it has activated the device
+        and published the DNS servers dnsmasq hands out now."""
+        self._start_nm()
+        _run_sync(lambda: self._wait_ready(lambda _what: None), self.timeout)
+
     def set_dns(self, servers: Sequence[str], timeout: float = 5.0) -> None:
         """Make dnsmasq hand out `servers` from now on (rewrite its optsfile, SIGHUP, and
         wait until it has re-read it). NM sees them at its next DHCP exchange: `renew()`."""
@@ -815,6 +826,7 @@ dhcp-hostname={HOSTNAME}
         marker = f"read {self.dir}/srv/dhcp-opts"
         before = self._dnsmasq_log().count(marker)
         self._write_dhcp_opts(servers)
+        self.initial_dns = list(servers)  # what a (re)started NM must come up with
         self._dnsmasq.popen.send_signal(signal.SIGHUP)
         self._dnsmasq.wait_until(
             lambda: self._dnsmasq_log().count(marker) > before, timeout, "dnsmasq reload"

@@ -130,3 +130,23 @@ def test_agent_follows_networkmanager(world: World) -> None:
         time.sleep(0.1)
     assert dig(w) == PEER_A  # answered by the new resolver, through the tunnel
     assert not st["warnings"]
+
+
+def test_networkmanager_restarting(world: World) -> None:
+    """NM leaves the bus: what it said is kept (DNS goes on); it comes back: re-read at once."""
+    w = world
+    first = f"tls-port:{UNBOUND}@853"
+    w.agent.wait(lambda s: first in s["order"], 20, "using the first resolvers")
+    w.lab.stop_nm()
+    time.sleep(0.5)
+    assert first in (w.agent.status() or {}).get("order", [])
+    assert dig(w) in (WWW_A, PEER_A)
+    assert (
+        "NetworkManager is not on the bus; keeping what it said last"
+        in w.agent.proc.log.read_text()
+    )
+    w.lab.set_dns([LATER])
+    w.lab.start_nm()  # NameOwnerChanged: the agent takes a fresh snapshot
+    w.agent.wait(
+        lambda s: s["order"] == [f"tls-port:{LATER}@853"], 20, "following the restarted NM"
+    )
