@@ -402,17 +402,10 @@ def _upstream(text: str) -> UpstreamSpec:
 
 
 def _listen(text: str) -> tuple[str, int]:
-    host, port = text, "53"
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.lstrip(":") or "53"
-    elif text.count(":") == 1:
-        host, port = text.split(":")
     try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not an IP address") from None
-    return host, _port(port) if port != "0" else 0
+        return config.parse_listen(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ms(v: float | None) -> str:
