@@ -259,6 +259,16 @@ def _add_daemon(sub: Sub) -> None:
         "(the systemd unit runs it after every stop).",
     )
     rs.set_defaults(func=cmd_restore)
+    st = sub.add_parser(
+        "stub",
+        help="point the system's stub resolver at the tunnel (the unit runs this as root)",
+        description="Points the system's stub resolver at the tunnel's first listen address, "
+        "with the backend of the configuration's stub_backend (auto: detected). The change is "
+        "journalled first; `dnstls-agent restore` undoes it. `--show` only says which backend "
+        "would be used and what is journalled.",
+    )
+    st.add_argument("--show", action="store_true", help="change nothing; say what would be done")
+    st.set_defaults(func=cmd_stub)
     for name, text in (
         ("status", "show what the running agent knows and does"),
         ("reprobe", "ask the running agent to probe every resolver again now"),
@@ -316,6 +326,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if failure:
         print(f"dnstls-agent: {failure}", file=sys.stderr)
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_stub(args: argparse.Namespace) -> int:
+    cfg = daemon.load_or_explain(args.config)
+    backend = sysconf.choose(cfg.stub_backend)
+    address = cfg.listen[0][0]
+    if args.show:
+        journal = sysconf.Journal(Path(cfg.state_dir)).load()
+        print(f"backend: {backend.name} ({backend.describe()}); tunnel: {address}")
+        print(f"journal: {json.dumps(journal) if journal else 'empty (nothing changed)'}")
+        return EXIT_OK
+    if not cfg.manage_stub:
+        print("manage_stub = false: the system stub is left alone")
+        return EXIT_OK
+    print(sysconf.apply(Path(cfg.state_dir), backend, [address]))
     return EXIT_OK
 
 

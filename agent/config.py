@@ -143,6 +143,16 @@ OPTIONS: tuple[Option, ...] = (
         "true",
     ),
     Option(
+        "stub_backend",
+        str,
+        "auto",
+        Scope.GLOBAL,
+        "How the system stub is pointed at the tunnel: auto (detected), resolv.conf, "
+        "resolvconf, resolved or networkmanager.",
+        _one_of("auto", "resolv.conf", "resolvconf", "resolved", "networkmanager"),
+        '"auto"',
+    ),
+    Option(
         "nm_bus",
         str,
         "",
@@ -410,6 +420,7 @@ class Config:
     runtime_dir: str = "/run/dnstls-agent"
     listen: tuple[tuple[str, int], ...] = (("127.0.0.153", 53),)
     manage_stub: bool = True
+    stub_backend: str = "auto"
     nm_bus: str = ""
     netlink: bool = True
     lease_dirs: tuple[str, ...] = ("/var/lib/dhcp", "/run/systemd/netif/leases")

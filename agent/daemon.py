@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
 
 from agent import config as configmod
-from agent import sdnotify
+from agent import sdnotify, sysconf
 from agent.config import Config
 from agent.control import SOCKET_NAME, ControlServer
 from agent.engine import Engine
-from agent.errors import UsageError
+from agent.errors import AgentError, UsageError
 from agent.model import Profile
 from agent.state import Store
 from agent.tunnel import Tunnel, TunnelConfig
@@ -41,6 +42,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.control: ControlServer | None = None
         self.failure: str | None = None  # why it stopped, when it was not asked to
+        self.stub_applied = False
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -70,12 +72,36 @@ class Daemon:
                 self._spawn(LeaseWatcher(cfg.lease_dirs, engine.on_leases).run(), "lease watcher")
             self._signals()
             await asyncio.wait_for(engine.ready.wait(), 30)
+            self._point_stub()
             sdnotify.notify("READY=1")
             LOG.info("ready: %s", engine.plan.reason if engine.plan else "")
             self._spawn(self._status_loop(), "status")
             await self.stopping.wait()
         finally:
             await self.stop()
+
+    def _point_stub(self) -> None:
+        """As root (run by hand), the daemon points the stub itself and puts it back at
+        stop. Under the systemd unit it runs unprivileged: ExecStartPost=+ and
+        ExecStopPost=+ do it as root."""
+        if not self.cfg.manage_stub or os.geteuid() != 0:
+            return
+        try:
+            backend = sysconf.choose(self.cfg.stub_backend)
+            LOG.info(
+                "%s", sysconf.apply(Path(self.cfg.state_dir), backend, [self.cfg.listen[0][0]])
+            )
+            self.stub_applied = True
+        except (OSError, AgentError) as exc:
+            LOG.error("could not point the system stub at the tunnel: %s", exc)
+
+    def _restore_stub(self) -> None:
+        if not self.stub_applied:
+            return
+        try:
+            LOG.info("%s", sysconf.restore(Path(self.cfg.state_dir)))
+        except (OSError, AgentError) as exc:
+            LOG.error("could not restore the system stub: %s (run dnstls-agent restore)", exc)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -153,6 +179,7 @@ class Daemon:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.control is not None:
             await self.control.close()
+        self._restore_stub()  # before the tunnel goes: never a stub pointing at nothing
         if self.tunnel is not None:
             await self.tunnel.stop()
         LOG.info("stopped")

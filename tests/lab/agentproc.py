@@ -15,13 +15,18 @@ from tests.lab.proc import Process
 
 
 class AgentProcess:
-    def __init__(self, ns: Netns, directory: Path, config: str) -> None:
+    def __init__(
+        self, ns: Netns, directory: Path, config: str, *, manage_stub: bool = False
+    ) -> None:
+        """`manage_stub` stays False unless `ns` has a /etc of its own (the NM lab's
+        machine): the agent runs as root here and would point the host's stub otherwise."""
         self.ns = ns
         self.dir = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "agent.toml"
         self.config.write_text(
-            f'state_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n' + config
+            f'state_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
+            f"manage_stub = {'true' if manage_stub else 'false'}\n" + config
         )
         argv = [sys.executable, "-m", "agent", "-v", "-c", str(self.config), "run"]
         self.proc: Process = ns.start(argv, directory / "agent.log")

@@ -62,6 +62,7 @@ state_dir = "{d}/state"
 runtime_dir = "{d}/run"
 listen = ["{STUB}:53"]
 lease_dirs = ["{d}/leases"]
+manage_stub = false  # root in a network namespace only: /etc is the host's
 nm_bus = "unix:path={d}/no-bus"
 profile = "{profile}"
 ca_file = "{ca}"

@@ -1,0 +1,119 @@
+"""agent/sysconf: the resolv.conf backend and the journal, on a root prefix (never /etc)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from agent import sysconf
+from agent.sysconf import resolvconf_file
+from agent.sysconf.journal import JournalError
+from agent.sysconf.resolvconf_file import ResolvConfFile
+
+ORIGINAL = """# from DHCP
+domain lab.example
+search corp.example lab.example
+nameserver 198.51.100.1
+nameserver 198.51.100.2
+options edns0 timeout:2
+"""
+TUNNEL = ["127.0.0.153"]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root" / "etc").mkdir(parents=True)
+    return tmp_path / "root"
+
+
+def resolv(root: Path) -> Path:
+    return root / "etc" / "resolv.conf"
+
+
+def test_render_keeps_search_and_options() -> None:
+    out = resolvconf_file.render(ORIGINAL, TUNNEL, extra_search=["vpn.example"])
+    body = [ln for ln in out.splitlines() if not ln.startswith("#")]
+    assert body == [
+        "nameserver 127.0.0.153",
+        "search lab.example corp.example vpn.example",
+        "options edns0 timeout:2",
+    ]
+
+
+def test_apply_and_restore_a_file(root: Path, tmp_path: Path) -> None:
+    resolv(root).write_text(ORIGINAL)
+    os.chmod(resolv(root), 0o640)
+    state = tmp_path / "state"
+    backend = ResolvConfFile(root)
+    said = sysconf.apply(state, backend, TUNNEL)
+    assert "points at 127.0.0.153" in said
+    text = resolv(root).read_text()
+    assert "nameserver 127.0.0.153" in text and "198.51.100.1" not in text
+    journal = json.loads((state / "stub.json").read_text())
+    assert journal["backend"] == "resolv.conf" and journal["entries"][0]["content"] == ORIGINAL
+    # applying again (a restart, or after a crash) keeps the original, not our own file
+    sysconf.apply(state, backend, TUNNEL)
+    assert json.loads((state / "stub.json").read_text())["entries"][0]["content"] == ORIGINAL
+    assert "put back" in sysconf.restore(state, root)
+    assert resolv(root).read_text() == ORIGINAL
+    assert resolv(root).stat().st_mode & 0o777 == 0o640
+    assert not (state / "stub.json").exists()
+    assert sysconf.restore(state, root).startswith("nothing to restore")
+    assert sorted(p.name for p in (root / "etc").iterdir()) == ["resolv.conf"]  # no temp left
+
+
+def test_a_symlink_is_put_back_as_a_symlink(root: Path, tmp_path: Path) -> None:
+    target = "../run/systemd/resolve/stub-resolv.conf"
+    (root / "run" / "systemd" / "resolve").mkdir(parents=True)
+    (root / "run" / "systemd" / "resolve" / "stub-resolv.conf").write_text(
+        "nameserver 127.0.0.53\nsearch home.example\n"
+    )
+    resolv(root).symlink_to(target)
+    sysconf.apply(tmp_path / "s", ResolvConfFile(root), TUNNEL)
+    assert not resolv(root).is_symlink()
+    assert "search home.example" in resolv(root).read_text()  # what applications saw, kept
+    sysconf.restore(tmp_path / "s", root)
+    assert resolv(root).is_symlink() and os.readlink(resolv(root)) == target
+
+
+def test_no_file_before_means_no_file_after(root: Path, tmp_path: Path) -> None:
+    sysconf.apply(tmp_path / "s", ResolvConfFile(root), TUNNEL)
+    assert resolv(root).exists()
+    sysconf.restore(tmp_path / "s", root)
+    assert not resolv(root).exists()
+
+
+def test_someone_elses_file_is_not_clobbered_on_restore(root: Path, tmp_path: Path) -> None:
+    resolv(root).write_text(ORIGINAL)
+    sysconf.apply(tmp_path / "s", ResolvConfFile(root), TUNNEL)
+    resolv(root).write_text("nameserver 203.0.113.1\n")  # e.g. a DHCP client rewrote it
+    said = sysconf.restore(tmp_path / "s", root)
+    assert "changed by something else" in said
+    assert resolv(root).read_text() == "nameserver 203.0.113.1\n"
+
+
+def test_crash_between_journal_and_change(root: Path, tmp_path: Path) -> None:
+    """The journal is written before the file: a crash in between restores to the same file."""
+    resolv(root).write_text(ORIGINAL)
+    backend = ResolvConfFile(root)
+    sysconf.Journal(tmp_path / "s").save(backend.name, [backend.record()])
+    assert "put back" in sysconf.restore(tmp_path / "s", root)
+    assert resolv(root).read_text() == ORIGINAL
+
+
+def test_unreadable_journal_is_kept_aside(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "stub.json").write_text("{broken")
+    with pytest.raises(JournalError, match="kept as"):
+        sysconf.restore(tmp_path / "s", root)
+    assert list((tmp_path / "s").glob("stub.json.unreadable-*"))
+    assert sysconf.restore(tmp_path / "s", root).startswith("nothing to restore")
+
+
+def test_choose() -> None:
+    assert sysconf.choose("resolv.conf").name == "resolv.conf"
+    with pytest.raises(ValueError, match="unknown stub backend"):
+        sysconf.choose("dnsmasq")
