@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,6 +20,7 @@ from agent import __version__, config, control, daemon, sysconf
 from agent.control import SOCKET_NAME
 from agent.errors import AgentError, UsageError
 from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile, UpstreamSpec
+from agent.notifications import DesktopNotifier
 from agent.probe import probe_many
 from agent.tls import parse_pin
 from agent.tunnel import Tunnel, TunnelConfig
@@ -280,6 +282,48 @@ def _add_daemon(sub: Sub) -> None:
         if name == "status":
             sp.add_argument("--json", action="store_true", help="print JSON")
         sp.set_defaults(func=cmd_status if name == "status" else cmd_reprobe)
+    pt = sub.add_parser(
+        "portal",
+        help="captive portals: allow the network's own DNS for the login (strict, encrypted)",
+        description="Behind a captive portal (NetworkManager's connectivity: portal) the strict "
+        "and encrypted profiles serve no DNS. `portal allow` lets the portal's own DNS through, "
+        "in cleartext, for the login only: the exception is shown in status and ends by itself "
+        "when connectivity turns full or after --minutes.",
+    )
+    psub = pt.add_subparsers(
+        dest="portal_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    pa = psub.add_parser("allow", help="allow the portal's DNS for the login")
+    pa.add_argument(
+        "--minutes",
+        type=float,
+        default=5.0,
+        metavar="N",
+        help="at most N minutes (default %(default)s)",
+    )
+    pa.add_argument(
+        "--socket", type=Path, metavar="PATH", help="control socket (default from config)"
+    )
+    pa.set_defaults(func=cmd_portal_allow)
+    nt = sub.add_parser(
+        "notifications",
+        help="show the running agent's warnings as desktop notifications (run in your session)",
+        description="For the system service, which has no session bus: run this in the desktop "
+        "session (e.g. autostarted). It asks the agent for its warnings every few seconds and "
+        "shows each new one with org.freedesktop.Notifications. Ctrl-C stops it.",
+    )
+    nt.add_argument(
+        "--socket", type=Path, metavar="PATH", help="control socket (default from config)"
+    )
+    nt.add_argument(
+        "--interval",
+        type=_positive,
+        default=3.0,
+        metavar="S",
+        help="seconds between looks (default %(default)s)",
+    )
+    nt.add_argument("--once", action="store_true", help="look once, show what is new, exit")
+    nt.set_defaults(func=cmd_notifications)
     n = sub.add_parser(
         "notify",
         help="tell the running agent that an interface changed (the dispatcher hook's call)",
@@ -363,6 +407,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_portal_allow(args: argparse.Namespace) -> int:
+    answer = control.ask(_socket(args), {"command": "portal-allow", "minutes": args.minutes})
+    until = time.strftime("%H:%M:%S", time.localtime(answer["until"]))
+    print(f"captive portal: cleartext DNS allowed for the login until {until}, "
+          "or until connectivity is full")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_notifications(args: argparse.Namespace) -> int:
+    return asyncio.run(_relay_warnings(_socket(args), args.interval, once=args.once))
+
+
+async def _relay_warnings(path: Path, interval: float, *, once: bool) -> int:
+    notifier = DesktopNotifier()
+    shown: set[tuple[str, str]] = set()
+    try:
+        while True:
+            try:
+                answer = await asyncio.to_thread(control.ask, path, {"command": "status"})
+            except control.ControlError as exc:
+                LOG.info("%s", exc)  # the agent is away: look again later
+                answer = {"status": {"warnings": []}}
+            now = {(w["alert"], w["text"]) for w in answer["status"].get("warnings", [])}
+            for alert, text in sorted(now - shown):
+                if not await notifier.notify(alert, text):
+                    print(f"{alert}: {text}", file=sys.stderr)
+            shown = now
+            if once:
+                return EXIT_OK
+            await asyncio.sleep(interval)
+    finally:
+        notifier.close()
+
+
 def cmd_reprobe(args: argparse.Namespace) -> int:
     control.ask(_socket(args), {"command": "reprobe"})
     return EXIT_OK
@@ -385,6 +463,9 @@ def format_status(st: dict[str, Any]) -> str:
         f"connectivity: {st.get('connectivity')}",
         "order: " + (", ".join(st.get("order", [])) or "none"),
     ]
+    if st.get("portal_until"):
+        until = time.strftime("%H:%M:%S", time.localtime(st["portal_until"]))
+        lines.append(f"captive portal exception (cleartext DNS for the login) until {until}")
     for domain, ups in st.get("routes", {}).items():
         lines.append(f"  {domain} -> {', '.join(ups)}")
     for link in st.get("interfaces", []):

@@ -23,6 +23,8 @@ from agent.control import SOCKET_NAME, ControlServer
 from agent.engine import Engine
 from agent.errors import AgentError, UsageError
 from agent.model import Profile
+from agent.notifications import DesktopNotifier
+from agent.policy import Warning
 from agent.state import Store
 from agent.tunnel import Tunnel, TunnelConfig
 from agent.watchers.leases import LeaseWatcher
@@ -43,6 +45,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self.failure: str | None = None  # why it stopped, when it was not asked to
         self.stub_applied = False
+        self.notifier = DesktopNotifier()
+        self._notes: set[asyncio.Task[bool]] = set()
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -56,7 +60,13 @@ class Daemon:
         )
         await self.tunnel.start()
         store = Store(Path(cfg.state_dir))
-        engine = Engine(cfg, self.tunnel, store, own_addresses={h for h, _ in cfg.listen})
+        engine = Engine(
+            cfg,
+            self.tunnel,
+            store,
+            own_addresses={h for h, _ in cfg.listen},
+            on_warnings=self._on_warnings,
+        )
         self.engine = engine
         self.control = ControlServer(Path(cfg.runtime_dir) / SOCKET_NAME, self.handle)
         try:
@@ -79,6 +89,13 @@ class Daemon:
             await self.stopping.wait()
         finally:
             await self.stop()
+
+    def _on_warnings(self, raised: list[Warning], cleared: list[Warning]) -> None:
+        """Where users look: besides the log and status, the desktop (best effort)."""
+        for w in raised:
+            task = asyncio.create_task(self.notifier.notify(w.alert.value, w.text))
+            self._notes.add(task)
+            task.add_done_callback(self._notes.discard)
 
     def _point_stub(self) -> None:
         """As root (run by hand), the daemon points the stub itself and puts it back at
@@ -166,6 +183,11 @@ class Daemon:
             iface, action = str(request.get("interface", "")), str(request.get("action", ""))
             engine.poke(f"dispatcher: {iface} {action}")
             return {"ok": True}
+        if command == "portal-allow":
+            minutes = float(request.get("minutes", 5))
+            if not 0 < minutes <= 60:
+                raise UsageError("minutes must be between 0 and 60")
+            return {"ok": True, "until": engine.allow_portal(minutes)}
         if command == "reprobe":
             engine.reprobe()
             return {"ok": True}
@@ -179,6 +201,7 @@ class Daemon:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.control is not None:
             await self.control.close()
+        self.notifier.close()
         self._restore_stub()  # before the tunnel goes: never a stub pointing at nothing
         if self.tunnel is not None:
             await self.tunnel.stop()

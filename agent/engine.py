@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from agent.config import Config
+from agent.errors import UsageError
 from agent.model import Link, ProbeResult, ProbeSettings, Profile, Source, UpstreamSpec
 from agent.policy import Plan, ProbeRequest, Warning, decide, learn, settings_for
 from agent.probe import probe
@@ -103,6 +104,7 @@ class Engine:
         self.on_warnings = on_warnings
         self.links = LinkTable()
         self.connectivity = "unknown"
+        self.portal_until = 0.0  # the end of a user-allowed captive-portal exception
         self.plan: Plan | None = None
         self.applied: tuple[Any, ...] | None = None
         self.warnings: list[Warning] = []
@@ -119,7 +121,13 @@ class Engine:
         if not snap.running:
             LOG.warning("NetworkManager is not on the bus; keeping what it said last")
             return
-        self.connectivity = snap.connectivity
+        if snap.connectivity != self.connectivity:
+            was, self.connectivity = self.connectivity, snap.connectivity
+            LOG.info("connectivity %s -> %s", was, snap.connectivity)
+            if was == "portal":  # logged in (or gone): back to TLS, learning it all again
+                self.portal_until = 0.0
+                self.reprobe()
+            self.poke("connectivity changed")
         self._replace(Source.NM, snap.links)
 
     def on_netlink(self, links: Mapping[str, Link]) -> None:
@@ -142,6 +150,19 @@ class Engine:
         for link in self.links.merged():
             self.joined[link.network_id] = now
         self.poke("re-probe asked for")
+
+    def allow_portal(self, minutes: float) -> float:
+        """The supervised exception: the portal's cleartext DNS for the login, for a while.
+
+        It ends by itself when connectivity turns full or the time runs out."""
+        if self.connectivity != "portal":
+            raise UsageError(f"no captive portal now (connectivity: {self.connectivity})")
+        self.portal_until = self.clock() + minutes * 60
+        LOG.warning(
+            "captive portal: cleartext DNS allowed for %.0f minute(s), by the user", minutes
+        )
+        self.poke("portal exception allowed")
+        return self.portal_until
 
     def reload(self, config: Config) -> None:
         self.config = config
@@ -184,6 +205,8 @@ class Engine:
             own_addresses=self.own,
             probing=set(self.probing),
             joined=self.joined,
+            connectivity=self.connectivity,
+            portal_until=self.portal_until,
         )
         self.plan = plan
         self.decisions += 1
@@ -306,6 +329,7 @@ class Engine:
             if plan
             else {},
             "connectivity": self.connectivity,
+            "portal_until": self.portal_until or None,
             "warnings": [
                 {"alert": w.alert.value, "interface": w.ifname, "text": w.text}
                 for w in self.warnings

@@ -119,10 +119,12 @@ class UpstreamSpec:
         "tls": (Method.TLS_PORT, 853),
         "upgrade": (Method.TLS_UPGRADE, 53),
         "tcp": (Method.TCP_PLAIN, 53),
+        "udp": (Method.UDP_PLAIN, 53),
         # the method names, as str(spec) and `status` print them, are accepted too
         "tls-port": (Method.TLS_PORT, 853),
         "tls-upgrade": (Method.TLS_UPGRADE, 53),
         "tcp-plain": (Method.TCP_PLAIN, 53),
+        "udp-plain": (Method.UDP_PLAIN, 53),
     }
 
     @classmethod

@@ -37,6 +37,8 @@ class Alert(StrEnum):
     DOWNGRADE = "downgrade"  # did TLS on this network before, does not now
     KEY_CHANGED = "key-changed"  # shows another key than before on this network
     CLEARTEXT = "cleartext"  # opportunistic: this link's DNS goes out in cleartext
+    PORTAL = "portal"  # a captive portal: its own (cleartext, often spoofed) DNS in use
+    PORTAL_BLOCKED = "portal-blocked"  # strict/encrypted behind a portal: no DNS until allowed
 
 
 @dataclass(frozen=True)
@@ -208,11 +210,15 @@ def decide(
     own_addresses: Collection[str] = (),
     probing: Collection[tuple[str, str]] = (),
     joined: Mapping[str, float] | None = None,
+    connectivity: str = "unknown",
+    portal_until: float = 0.0,
 ) -> Plan:
     """The whole machine's plan.
 
     `probing`: (network, address) pairs being probed right now. `joined`: when each
     network was (re)joined; what was learnt before that is used at once and revalidated.
+    `connectivity`: NetworkManager's word ("portal": a captive portal); `portal_until`:
+    the end of a supervised exception that lets strict use the portal's DNS to log in.
     """
     active: list[tuple[Link, LinkSettings, Profile]] = []
     for link in links:
@@ -224,6 +230,8 @@ def decide(
         return Plan(None, (), (), (), (), (), None, "no interface with resolvers to manage")
     # One tunnel serves every query of the machine: the strictest link sets its profile.
     machine = max((p for _, _, p in active), key=_STRICTNESS.__getitem__)
+    if connectivity == "portal":
+        return _portal(active, machine, now, portal_until, own_addresses)
     d = _Decider(machine, now, probing, knowledge, joined or {})
     for link, s, link_profile in active:
         d.link(link, s, link_profile, own_addresses)
@@ -348,6 +356,56 @@ class _Decider:
 
     def knowledge_of(self, link: Link, r: NetResolver) -> Knowledge | None:
         return self.knowledge.get((link.network_id, r.address))
+
+
+def _portal(
+    active: list[tuple[Link, LinkSettings, Profile]],
+    machine: Profile,
+    now: float,
+    until: float,
+    own: Collection[str],
+) -> Plan:
+    """Behind a captive portal the login page needs the network's own DNS, as it is.
+
+    Opportunistic uses it (plain UDP, like any client would) until connectivity is full
+    again. Strict and encrypted keep refusing, and say so, unless the user allowed a
+    supervised exception (`dnstls-agent portal allow`) that has not run out yet.
+    """
+    allowed = machine is Profile.OPPORTUNISTIC or until > now
+    ups: list[UpstreamSpec] = []
+    choices: list[Choice] = []
+    warnings: list[Warning] = []
+    for link, s, _p in active:
+        names = [r.address for r in _resolvers(link, s, own) if r.source is not Source.STATIC]
+        for a in names:
+            up = UpstreamSpec(a, Method.UDP_PLAIN, 53)
+            if allowed and up not in ups:
+                ups.append(up)
+            if allowed:
+                why = "captive portal: the network's own DNS, in cleartext, to log in"
+                choices.append(Choice(link.ifname, a, up, why))
+            else:
+                why = f"captive portal: not used ({machine} never sends cleartext)"
+                choices.append(Choice(link.ifname, a, None, why))
+        if machine is Profile.OPPORTUNISTIC:
+            text = f"captive portal on {link.ifname}: its own DNS is used until you are logged in"
+            warnings.append(Warning(Alert.PORTAL, link.ifname, None, text))
+        elif allowed:
+            left = (until - now) / 60
+            text = (f"captive portal on {link.ifname}: cleartext DNS allowed for the login, "
+                    f"{left:.0f} more minute(s) at most ({machine} suspended)")  # fmt: skip
+            warnings.append(Warning(Alert.PORTAL, link.ifname, None, text))
+        else:
+            text = (f"captive portal on {link.ifname}: no DNS ({machine}); to log in, "
+                    "run: dnstls-agent portal allow [--minutes N]")  # fmt: skip
+            warnings.append(Warning(Alert.PORTAL_BLOCKED, link.ifname, None, text))
+    profile = Profile.OPPORTUNISTIC if allowed else machine
+    if allowed:
+        reason = f"captive portal: {len(ups)} cleartext resolver(s) for the login"
+    else:
+        reason = f"captive portal: {machine}, no DNS until the user allows the login"
+    wake = until if machine is not Profile.OPPORTUNISTIC and until > now else None
+    return Plan(profile, tuple(ups), (), tuple(choices), (), tuple(warnings), wake, reason)
 
 
 def _routes(

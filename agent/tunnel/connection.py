@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from agent.dns.transport import TCP_QUICKACK
 from agent.dns.wire import FrameReader
-from agent.errors import Closed, Reset, TLSHandshakeFailed, TransportError
+from agent.errors import Closed, Refused, Reset, TLSHandshakeFailed, TransportError
 from agent.tls import TLSEngine
 from agent.tunnel.pending import Pending
 
@@ -44,10 +44,12 @@ class UpstreamConn:
         label: str,
         on_answer: AnswerHandler,
         on_lost: LostHandler,
+        datagram: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
         self.tls = tls
+        self.datagram = datagram  # plain DNS over UDP: one message per datagram, no framing
         self.label = label
         self.inflight: dict[int, Pending] = {}
         self._on_answer = on_answer
@@ -84,7 +86,10 @@ class UpstreamConn:
         p.conn = self
         p.sent = time.monotonic()  # loop.time() is too coarse on uvloop for latencies
         q = p.query
-        self._out.append(_LEN_ID.pack(len(q), uid) + q[2:])
+        if self.datagram:
+            self._out.append(_LEN_ID.pack(len(q), uid)[2:] + q[2:])
+        else:
+            self._out.append(_LEN_ID.pack(len(q), uid) + q[2:])
         return True
 
     def send_raw(self, frame: bytes) -> None:
@@ -94,6 +99,9 @@ class UpstreamConn:
     def flush(self) -> None:
         """Write everything queued as one TLS write and one send()."""
         if not self._out or self.closed:
+            return
+        if self.datagram:
+            self._send_datagrams()
             return
         data = b"".join(self._out)
         self._out.clear()
@@ -122,6 +130,41 @@ class UpstreamConn:
             self._wbuf += data[n:]
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
 
+    def _send_datagrams(self) -> None:
+        out, self._out = self._out, []
+        for message in out:
+            try:
+                self.sock.send(message)
+            except BlockingIOError:
+                continue  # the socket buffer is full: like a lost datagram, the deadline rules
+            except OSError as exc:
+                self.lose(Reset(f"{self.label}: send failed: {exc.strerror or exc}"))
+                return
+        self.last_tx = self.loop.time()
+
+    def _on_datagrams(self) -> None:
+        inflight = self.inflight
+        for _ in range(64):
+            try:
+                data = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionRefusedError:
+                self.lose(Refused(f"{self.label}: port unreachable"))
+                return
+            except OSError as exc:
+                self.lose(Reset(f"{self.label}: {exc.strerror or exc}"))
+                return
+            if len(data) < 12:
+                continue
+            now = self.loop.time()
+            self.last_rx = self.busy_since = now
+            p = inflight.get((data[0] << 8) | data[1])
+            if p is None:
+                continue  # late, or not ours (spoofed): ignored
+            del inflight[(data[0] << 8) | data[1]]
+            self._on_answer(self, p, data)
+
     def _on_writable(self) -> None:
         try:
             n = self.sock.send(self._wbuf)
@@ -136,6 +179,9 @@ class UpstreamConn:
 
     # -- answers in ------------------------------------------------------------
     def _on_readable(self) -> None:
+        if self.datagram:
+            self._on_datagrams()
+            return
         if self.inflight or self._quickacks:
             # ACK at once while answers are expected. Servers that write without
             # TCP_NODELAY (unbound 1.17: session tickets, then answers) otherwise hold

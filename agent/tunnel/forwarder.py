@@ -71,8 +71,8 @@ def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
     if len(specs) > 60:
         raise UsageError(f"{len(specs)} upstreams; at most 60")
     for s in specs:
-        if s.method not in (Method.TLS_PORT, Method.TLS_UPGRADE, Method.TCP_PLAIN):
-            raise UsageError(f"upstream {s}: the tunnel reaches resolvers by TLS or plain TCP")
+        if s.method is Method.UNREACHABLE:
+            raise UsageError(f"upstream {s}: not a way to reach a resolver")
         if not s.private and not profile.allows_cleartext:
             raise UsageError(
                 f"upstream {s} is cleartext; the {profile} profile never sends cleartext"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,8 @@ import dns.edns
 import dns.message
 
 from agent.dns import packet, wire
-from agent.dns.transport import Connection, starttls, syn_data_acked
-from agent.errors import Closed, Timeout, TLSHandshakeFailed, TransportError
+from agent.dns.transport import Connection, family_of, starttls, syn_data_acked
+from agent.errors import Closed, Timeout, TLSHandshakeFailed, TransportError, Unreachable
 from agent.model import AuthSpec, Method, UpstreamSpec
 from agent.tls import check_peer, context_for
 from agent.tunnel.connection import UpstreamConn
@@ -111,6 +112,9 @@ class Upstream:
 
     async def _connect(self) -> None:
         spec = self.spec
+        if spec.method is Method.UDP_PLAIN:
+            self._up_datagram()
+            return
         deadline = self.loop.time() + self.cfg.connect_timeout
         conn: Connection | None = None
         try:
@@ -145,6 +149,19 @@ class Upstream:
             raise
         self._up(conn)
 
+    def _up_datagram(self) -> None:
+        """Plain DNS over UDP (the captive-portal exception): nothing to connect but a socket."""
+        sock = socket.socket(family_of(self.spec.address), socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect((self.spec.address, self.spec.port))
+        except OSError as exc:
+            sock.close()
+            self._failed(Unreachable(f"UDP to {self.spec.address}: {exc.strerror or exc}"))
+            return
+        self._install(UpstreamConn(sock, None, label=str(self.spec), on_answer=self._on_answer,
+                                   on_lost=self._on_lost, datagram=True))  # fmt: skip
+
     def _up(self, c: Connection) -> None:
         if self.retired:  # dropped from the order while connecting
             c.close()
@@ -152,23 +169,23 @@ class Upstream:
             queued, self.queue = self.queue, []
             self.tunnel.reroute(queued, None)
             return
+        conn = UpstreamConn(
+            c.sock, c.tls, label=str(self.spec), on_answer=self._on_answer, on_lost=self._on_lost
+        )
+        self._install(conn)
+
+    def _install(self, conn: UpstreamConn) -> None:
         if self.stats.connections:
             self.stats.reconnects += 1
         self.stats.connections += 1
         self.failures = 0
         self.recovering = False
         self.last_error = ""
-        conn = UpstreamConn(
-            c.sock, c.tls, label=str(self.spec), on_answer=self._on_answer, on_lost=self._on_lost
-        )
         self.conn = conn
         self._fresh_session = True
         self._to(State.UP)
-        LOG.info(
-            "%s: connected%s",
-            self.spec,
-            " (session resumed)" if c.tls and c.tls.session_reused else "",
-        )
+        resumed = conn.tls is not None and conn.tls.session_reused
+        LOG.info("%s: connected%s", self.spec, " (session resumed)" if resumed else "")
         self._send_hello(conn)
         queued, self.queue = self.queue, []
         now = self.loop.time()

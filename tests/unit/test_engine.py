@@ -10,8 +10,11 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from agent.config import Config, ConfigProfile, LinkSettings
 from agent.engine import Engine, LinkTable
+from agent.errors import UsageError
 from agent.model import (
     Auth,
     Link,
@@ -203,3 +206,51 @@ def test_link_table_merge() -> None:
     assert merged["eth0"].default_route
     assert [r.address for r in merged["wlan0"].resolvers] == ["2001:db8::1"]  # RA, no NM
     assert not t.replace(Source.NM, {"eth0": eth0(A)})  # the same again: no change
+
+
+def order(engine: Engine) -> list[UpstreamSpec]:
+    assert engine.plan is not None
+    return list(engine.plan.upstreams)
+
+
+def profile(tunnel: Tunnel) -> Profile:
+    return tunnel.cfg.profile
+
+
+def test_portal_exception_and_return_to_tls(tmp_path: Path) -> None:
+    async def go() -> None:
+        prober = FakeProber({A: Method.TLS_PORT})
+        engine, tunnel, task = await started(tmp_path, prober, cfg("encrypted"))
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}, "portal"))
+            await settle(engine)
+            assert order(engine) == []
+            engine.allow_portal(1)
+            await settle(engine)
+            assert order(engine) == [UpstreamSpec(A, Method.UDP_PLAIN, 53)]
+            assert profile(tunnel) is Profile.OPPORTUNISTIC
+            assert engine.status()["portal_until"] is not None
+            calls = len(prober.calls)
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}, "full"))  # logged in
+            await settle(engine)
+            assert engine.portal_until == 0.0 and engine.status()["portal_until"] is None
+            assert len(prober.calls) > calls  # re-probed right away
+            assert order(engine) == [UpstreamSpec(A)]
+            assert profile(tunnel) is Profile.ENCRYPTED
+        finally:
+            await stopped(tunnel, task)
+
+    run(go())
+
+
+def test_portal_allow_needs_a_portal(tmp_path: Path) -> None:
+    async def go() -> None:
+        engine, tunnel, task = await started(tmp_path, FakeProber({}), cfg("strict"))
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}, "full"))
+            with pytest.raises(UsageError, match="no captive portal"):
+                engine.allow_portal(5)
+        finally:
+            await stopped(tunnel, task)
+
+    run(go())

@@ -261,3 +261,30 @@ def test_rejoined_network_uses_what_it_knows_and_revalidates() -> None:
     assert req.reason.startswith("network rejoined") and req.settings.order is Order.PORT_FIRST
     quiet = policy.decide([ln], conf(), kmap(k), T0, joined={ln.network_id: T0 - 700})
     assert quiet.probes == ()
+
+
+@pytest.mark.parametrize("profile", ["opportunistic", "encrypted", "strict"])
+def test_captive_portal(profile: str) -> None:
+    ln = link("wlan0", A, B)
+    ks = kmap(know(ln, A, Method.TLS_PORT, Auth.IP_SAN))
+    plan = policy.decide([ln], conf(profile), ks, T0, connectivity="portal")
+    portal_dns = (UpstreamSpec(A, Method.UDP_PLAIN, 53), UpstreamSpec(B, Method.UDP_PLAIN, 53))
+    if profile == "opportunistic":
+        assert plan.upstreams == portal_dns and plan.profile is Profile.OPPORTUNISTIC
+        assert [w.alert for w in plan.warnings] == [Alert.PORTAL]
+        return
+    assert plan.upstreams == () and plan.profile is Profile(profile)  # still refusing
+    (w,) = plan.warnings
+    assert w.alert is Alert.PORTAL_BLOCKED and "dnstls-agent portal allow" in w.text
+    allowed = policy.decide(
+        [ln], conf(profile), ks, T0, connectivity="portal", portal_until=T0 + 300
+    )
+    assert allowed.upstreams == portal_dns and allowed.profile is Profile.OPPORTUNISTIC
+    assert allowed.wake_at == T0 + 300 and "5 more minute" in allowed.warnings[0].text
+    over = policy.decide(
+        [ln], conf(profile), ks, T0 + 301, connectivity="portal", portal_until=T0 + 300
+    )
+    assert over.upstreams == ()  # the exception ran out by itself
+    full = policy.decide([ln], conf(profile), ks, T0, connectivity="full", portal_until=T0 + 300)
+    assert full.upstreams[0] == UpstreamSpec(A)  # connectivity full: TLS again
+    assert all(u.private for u in full.upstreams)

@@ -23,6 +23,7 @@ import dns.rdatatype
 import pytest
 
 from agent.dns.wire import frame
+from agent.errors import UsageError
 from agent.model import Method, Profile, UpstreamSpec
 from agent.tunnel import Tunnel, TunnelConfig
 from agent.tunnel.forwarder import Mode
@@ -478,5 +479,20 @@ def test_empty_order_answers_servfail(certs: Certs) -> None:
             assert t.mode is Mode.DOWN
             r = await ask(t, "nothing.test")
             assert r.rcode() == dns.rcode.SERVFAIL
+
+    run(go())
+
+
+def test_plain_udp_upstream_for_the_portal_exception(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(None, tls_port=None) as p:
+            udp = UpstreamSpec(HOST, Method.UDP_PLAIN, p.dns_port)
+            async with tunnel(udp) as t:
+                assert a_of(await ask(t, "portal.test")) == PEER_A
+                assert a_of(await ask(t, "portal2.test", tcp=True)) == PEER_A
+                assert [s.via for s in p.seen if s.qname.startswith("portal")] == ["udp", "udp"]
+                assert t.mode is Mode.CLEARTEXT
+            with pytest.raises(UsageError, match="never sends cleartext"):
+                Tunnel(TunnelConfig(upstreams=(udp,), profile=Profile.STRICT))
 
     run(go())
