@@ -310,6 +310,7 @@ class NMLab:
     ipv6        also IPv6: 2001:db8::1/64 on the server, router advertisements and stateless
                 DHCPv6 from dnsmasq (IPv6 DNS servers in `dns` go there), ipv6.method=auto
     lease       dnsmasq's lease time (its minimum, 2m, makes NM renew after 60 s)
+    connectivity_uri  NM checks connectivity there (expects "OK"; anything else: portal)
     timeout     for the whole start-up
 
     Once entered (NM has the lease and, if any, the DNS servers in DnsManager.Configuration):
@@ -332,6 +333,7 @@ class NMLab:
         srv_ips: Sequence[str] = SRV_IPS,
         ipv6: bool = False,
         lease: str = "2m",
+        connectivity_uri: str | None = None,
         log_level: str = "DEBUG",
         timeout: float = 30.0,
     ) -> None:
@@ -346,6 +348,7 @@ class NMLab:
         self.srv_ips = list(srv_ips)
         self.ipv6 = ipv6
         self.lease = lease
+        self.connectivity_uri = connectivity_uri  # NM's connectivity check ("OK" expected)
         self.log_level = log_level
         self.timeout = timeout
         self.srv_name = f"nml-srv-{self.tag}"
@@ -576,7 +579,7 @@ match-device=interface-name:{self.ifname}
 managed=1
 
 [connectivity]
-enabled=false
+{self._connectivity()}
 """
         )
         keyfile = etc / f"system-connections/{CONNECTION_ID}.nmconnection"
@@ -610,6 +613,15 @@ dhcp-hostname={HOSTNAME}
             else:
                 shutil.copyfile(script, hook)
             hook.chmod(0o755)  # nm-dispatcher runs root-owned, not group/other-writable files
+
+    def _connectivity(self) -> str:
+        if not self.connectivity_uri:
+            return "enabled=false"
+        return f"enabled=true\nuri={self.connectivity_uri}\nresponse=OK\ninterval=300"
+
+    def check_connectivity(self) -> str:
+        """Make NM check connectivity now; what it found (none, portal, limited, full)."""
+        return self.nmcli("networking", "connectivity", "check").stdout.strip()
 
     def _namespaces(self) -> None:
         self.srv = Netns(self.srv_name)

@@ -1,0 +1,88 @@
+"""A packet capture on the lab's wire (tcpdump), and what crossed it in cleartext.
+
+tcpdump writes a pcap file; `packets()` reads it with nothing but struct (Ethernet,
+IPv4, UDP/TCP payloads), and `leaked()` says which query names appear in any payload
+in DNS wire form or as text: TLS records never contain them, so a hit is cleartext.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.lab.netns import Netns
+from tests.lab.proc import Process, need
+
+
+@dataclass(frozen=True)
+class Packet:
+    src: str
+    dst: str
+    proto: str  # udp | tcp
+    sport: int
+    dport: int
+    payload: bytes
+
+
+def wire_name(name: str) -> bytes:
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.strip(".").split("."))
+
+
+class Capture:
+    def __init__(self, ns: Netns, ifname: str, path: Path) -> None:
+        self.path = path
+        argv = [need("tcpdump"), "-i", ifname, "-U", "-n", "-s", "0", "-w", str(path), "ip or ip6"]
+        self.proc: Process = ns.start(argv, path.with_suffix(".log"))
+        self.proc.wait_until(lambda: "listening on" in self.proc.log.read_text(), 10, "tcpdump")
+
+    def stop(self) -> list[Packet]:
+        time.sleep(0.2)  # what is in flight
+        self.proc.stop()
+        return packets(self.path)
+
+
+def packets(path: Path) -> list[Packet]:
+    data = path.read_bytes()
+    if len(data) < 24:
+        return []
+    magic = struct.unpack("<I", data[:4])[0]
+    endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    linktype = struct.unpack(endian + "I", data[20:24])[0]
+    out: list[Packet] = []
+    pos = 24
+    while pos + 16 <= len(data):
+        _s, _us, incl, _orig = struct.unpack(endian + "IIII", data[pos : pos + 16])
+        frame = data[pos + 16 : pos + 16 + incl]
+        pos += 16 + incl
+        ip = frame[14:] if linktype == 1 else frame[16:] if linktype == 113 else frame
+        if linktype == 1 and frame[12:14] != b"\x08\x00":
+            continue
+        if len(ip) < 20 or ip[0] >> 4 != 4:
+            continue
+        ihl = (ip[0] & 15) * 4
+        total = struct.unpack("!H", ip[2:4])[0]
+        proto = ip[9]
+        src, dst = socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
+        body = ip[ihl:total]
+        if proto == 17 and len(body) >= 8:
+            sport, dport = struct.unpack("!HH", body[:4])
+            out.append(Packet(src, dst, "udp", sport, dport, body[8:]))
+        elif proto == 6 and len(body) >= 20:
+            sport, dport = struct.unpack("!HH", body[:4])
+            off = (body[12] >> 4) * 4
+            out.append(Packet(src, dst, "tcp", sport, dport, body[off:]))
+    return out
+
+
+def leaked(pkts: list[Packet], names: list[str]) -> dict[str, list[Packet]]:
+    """For each name, the packets whose payload carries it in cleartext."""
+    hits: dict[str, list[Packet]] = {}
+    for name in names:
+        forms = (wire_name(name).lower(), name.strip(".").lower().encode())
+        found = [p for p in pkts if any(f in p.payload.lower() for f in forms)]
+        if found:
+            hits[name] = found
+    return hits
