@@ -108,9 +108,10 @@ ca_file = "{certs.ca.path}"
         yield World(lab, agent, ub, portal, capture, [])
 
 
-@pytest.fixture
-def strict(certs: Certs, tmp_path: Path) -> Iterator[World]:
-    yield from make_world(certs, tmp_path, "strict", [UNBOUND, UPGRADE])
+@pytest.fixture(params=["strict", "encrypted"])
+def strict(request: pytest.FixtureRequest, certs: Certs, tmp_path: Path) -> Iterator[World]:
+    """strict, and encrypted (TLS required, any certificate): the same no-cleartext rule."""
+    yield from make_world(certs, tmp_path, request.param, [UNBOUND, UPGRADE])
 
 
 @pytest.fixture
