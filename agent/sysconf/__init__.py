@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.sysconf.journal import Journal, JournalError
+from agent.sysconf.resolvconf import ResolvconfBackend
 from agent.sysconf.resolvconf_file import ResolvConfFile
 
 LOG = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class Backend(Protocol):
 
 
 def backends(root: Path = Path("/")) -> dict[str, Backend]:
-    return {"resolv.conf": ResolvConfFile(root)}
+    return {"resolvconf": ResolvconfBackend(root), "resolv.conf": ResolvConfFile(root)}
 
 
 def choose(name: str = "auto", root: Path = Path("/")) -> Backend:
