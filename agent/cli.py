@@ -375,7 +375,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stub(args: argparse.Namespace) -> int:
     cfg = daemon.load_or_explain(args.config)
-    backend = sysconf.choose(cfg.stub_backend)
+    backend = sysconf.choose(cfg.stub_backend, nm_bus=cfg.nm_bus or None)
     address = cfg.listen[0][0]
     if args.show:
         journal = sysconf.Journal(Path(cfg.state_dir)).load()

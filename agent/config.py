@@ -157,7 +157,7 @@ OPTIONS: tuple[Option, ...] = (
         str,
         "",
         Scope.GLOBAL,
-        "D-Bus address of NetworkManager's bus; empty: the system bus.",
+        "D-Bus address of the system bus (NetworkManager, systemd-resolved); empty: the system's.",
         None,
         '"unix:path=/run/dbus/system_bus_socket"',
     ),

@@ -104,7 +104,7 @@ class Daemon:
         if not self.cfg.manage_stub or os.geteuid() != 0:
             return
         try:
-            backend = sysconf.choose(self.cfg.stub_backend)
+            backend = sysconf.choose(self.cfg.stub_backend, nm_bus=self.cfg.nm_bus or None)
             LOG.info(
                 "%s", sysconf.apply(Path(self.cfg.state_dir), backend, [self.cfg.listen[0][0]])
             )

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.sysconf.journal import Journal, JournalError
+from agent.sysconf.networkmanager import NetworkManagerBackend
 from agent.sysconf.resolvconf import ResolvconfBackend
 from agent.sysconf.resolvconf_file import ResolvConfFile
+from agent.sysconf.resolved import ResolvedBackend
 
 LOG = logging.getLogger(__name__)
 
@@ -45,12 +47,17 @@ class Backend(Protocol):
         """Undo `entry`; a sentence saying what was done."""
 
 
-def backends(root: Path = Path("/")) -> dict[str, Backend]:
-    return {"resolvconf": ResolvconfBackend(root), "resolv.conf": ResolvConfFile(root)}
+def backends(root: Path = Path("/"), nm_bus: str | None = None) -> dict[str, Backend]:
+    return {
+        "resolved": ResolvedBackend(root, nm_bus),  # the stub applications ask, whoever feeds it
+        "networkmanager": NetworkManagerBackend(root, nm_bus),  # before resolvconf, which NM feeds
+        "resolvconf": ResolvconfBackend(root),
+        "resolv.conf": ResolvConfFile(root),
+    }
 
 
-def choose(name: str = "auto", root: Path = Path("/")) -> Backend:
-    known = backends(root)
+def choose(name: str = "auto", root: Path = Path("/"), nm_bus: str | None = None) -> Backend:
+    known = backends(root, nm_bus)
     if name != "auto":
         if name not in known:
             raise ValueError(f"unknown stub backend {name!r}; known: {', '.join(known)}")

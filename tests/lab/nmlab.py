@@ -300,8 +300,10 @@ class NMLab:
     """Use as a context manager: `with NMLab(tmp_path, dns=["198.51.100.1"]) as lab: ...`.
 
     dns         the DNS servers dnsmasq hands out at first (IPv6 ones only with ipv6=True)
-    nm_dns      NM's [main] dns=: "default" (NM writes the lab's /etc/resolv.conf) or "none"
-                (NM leaves it alone; DnsManager.Configuration works the same)
+    nm_dns      NM's [main] dns=: "default" (NM writes the lab's /etc/resolv.conf), "none"
+                (NM leaves it alone; DnsManager.Configuration works the same) or
+                "systemd-resolved" (NM sends each link's DNS settings to resolved over the
+                bus and leaves resolv.conf alone; tests.lab.resolvedlab runs a resolved)
     dispatcher  script(s) to install in NM's dispatcher.d (copied; run by the bus-activated
                 nm-dispatcher, as root, inside the machine); `dispatcher_env` is exported
                 to them (nm-dispatcher gives scripts an environment of its own making)
@@ -327,7 +329,7 @@ class NMLab:
         directory: Path,
         *,
         dns: Sequence[str] = (SRV_IPS[0],),
-        nm_dns: Literal["default", "none"] = "default",
+        nm_dns: Literal["default", "none", "systemd-resolved"] = "default",
         dispatcher: Path | Sequence[Path] | None = None,
         dispatcher_env: Mapping[str, str] | None = None,
         srv_ips: Sequence[str] = SRV_IPS,
@@ -554,13 +556,14 @@ exec {dispatcher} --debug >> {self.logs / "nm-dispatcher.log"} 2>&1
 
     def _write_nm_config(self) -> None:
         etc = self.dir / "etc-nm"
-        rc_manager = "unmanaged" if self.nm_dns == "none" else "file"
+        rc_manager = "file" if self.nm_dns == "default" else "unmanaged"
+        to_resolved = "true" if self.nm_dns == "systemd-resolved" else "false"
         (etc / "NetworkManager.conf").write_text(
             f"""[main]
 plugins=keyfile
 dns={self.nm_dns}
 rc-manager={rc_manager}
-systemd-resolved=false
+systemd-resolved={to_resolved}
 dhcp=internal
 no-auto-default=*
 auth-polkit=false

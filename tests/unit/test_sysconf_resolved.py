@@ -1,0 +1,405 @@
+"""agent/sysconf/resolved.py: the pure part, and apply/revert against a fake resolved (with
+NetworkManager's habit of sending a link's servers again after resolved restarts), on a
+root prefix. The real resolved: tests/system/test_stub_resolved.py."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from agent import sysconf
+from agent.sysconf import resolved
+from agent.sysconf.resolved import (
+    DROPIN,
+    DROPIN_DIR,
+    ResolvedBackend,
+    ResolvedStubError,
+    Server,
+    Snapshot,
+)
+
+TUNNEL = ["127.0.0.153"]
+LINK = 2
+OTHER = 3
+LINK_DNS = [Server("198.51.100.1"), Server("2001:db8::1", 53, "dns.test")]
+
+
+class FakeResolved:
+    """resolved as the backend sees it. Global servers come from `config` unless our drop-in
+    names others (read at restart, as resolved 252 does); links are fed by "NM", which sends
+    them again `nm_lag` snapshots after each restart."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        config: Sequence[str] = (),
+        managed: Sequence[int] = (),
+        nm_lag: int = 3,
+    ) -> None:
+        self.root = root
+        self.config = [Server(a) for a in config]
+        self.nm: dict[int, list[Server]] = {LINK: list(LINK_DNS), OTHER: [Server("203.0.113.7")]}
+        self.links = {i: list(s) for i, s in self.nm.items()}
+        self.domains = {LINK: (("lab.test", False),), OTHER: (("corp.example", False),)}
+        self.ifnames = {LINK: "wlan0", OTHER: "eth1"}
+        self.managed = set(managed)
+        self.nm_lag = nm_lag
+        self.pending: int | None = None
+        self.up = True
+        self.restarts = 0
+        self.set_calls: list[tuple[int, list[Server]]] = []
+        self.global_servers = self._read_config()
+
+    where = "a fake bus"
+
+    def _read_config(self) -> list[Server]:
+        path = self.root / DROPIN_DIR / DROPIN
+        if path.exists():
+            return [Server(a) for a in resolved.dropin_nameservers(path.read_text())]
+        return list(self.config)
+
+    def on_bus(self) -> bool:
+        return self.up
+
+    def snapshot(self) -> Snapshot:
+        if not self.up:
+            raise ResolvedStubError("not on the bus")
+        if self.pending is not None:
+            self.pending -= 1
+            if self.pending <= 0:
+                self.pending = None
+                self.links.update({i: list(s) for i, s in self.nm.items()})
+        servers: dict[int, tuple[Server, ...]] = {i: tuple(s) for i, s in self.links.items()}
+        if self.global_servers:
+            servers[0] = tuple(self.global_servers)
+        return Snapshot(servers, dict(self.domains), dict(self.ifnames))
+
+    def set_link_dns(self, ifindex: int, servers: Sequence[Server]) -> None:
+        if ifindex in self.managed:
+            raise ResolvedStubError(f"Link {ifindex} is managed.")
+        self.set_calls.append((ifindex, list(servers)))
+        self.links[ifindex] = list(servers)
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.global_servers = self._read_config()
+        self.pending = self.nm_lag
+
+    def reboot(self) -> None:
+        """/run starts empty: no drop-in, links as NM feeds them, the configured globals."""
+        (self.root / DROPIN_DIR / DROPIN).unlink(missing_ok=True)
+        self.links = {i: list(s) for i, s in self.nm.items()}
+        self.global_servers = list(self.config)
+        self.pending = None
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "root" / "etc").mkdir(parents=True)
+    (tmp_path / "root" / "etc" / "resolv.conf").symlink_to(
+        "../run/systemd/resolve/stub-resolv.conf"
+    )
+    return tmp_path / "root"
+
+
+class World:
+    def __init__(self, root: Path, state: Path, fake: FakeResolved) -> None:
+        self.root = root
+        self.state = state
+        self.fake = fake
+        self.boot = "boot-1"
+
+    def backend(self) -> ResolvedBackend:
+        """A fresh backend, as a fresh process would make (the fake is the system)."""
+        return ResolvedBackend(
+            self.root, control=self.fake, boot_id=lambda: self.boot, quiet=0.05, settle=2
+        )
+
+    def apply(self) -> str:
+        return sysconf.apply(self.state, self.backend(), TUNNEL)
+
+    def restore(self, monkeypatch: pytest.MonkeyPatch) -> str:
+        monkeypatch.setattr(sysconf, "backends", lambda *a, **k: {"resolved": self.backend()})
+        return sysconf.restore(self.state, self.root)
+
+    @property
+    def dropin(self) -> Path:
+        return self.root / DROPIN_DIR / DROPIN
+
+
+@pytest.fixture
+def world(root: Path, tmp_path: Path) -> World:
+    return World(root, tmp_path / "state", FakeResolved(root, config=["192.0.2.53"]))
+
+
+# -- the pure part ---------------------------------------------------------------------------
+def test_render_drops_other_globals_and_routes_everything_to_the_tunnel() -> None:
+    text = resolved.render(TUNNEL, ["lab.test", "corp.example"])
+    assert resolved.is_ours(text)
+    body = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert body == [
+        "[Resolve]",
+        "DNS=",
+        "DNS=127.0.0.153",
+        "Domains=~. lab.test corp.example",
+        "DNSOverTLS=no",
+        "LLMNR=no",
+    ]
+    assert resolved.dropin_nameservers(text) == TUNNEL
+
+
+def test_dropin_nameservers_follow_resolved_reset_rule() -> None:
+    text = "[Resolve]\nDNS=192.0.2.1\nDNS=\nDNS=127.0.0.153 ::1\nDomains=~.\n"
+    assert resolved.dropin_nameservers(text) == ["127.0.0.153", "::1"]
+    assert resolved.dropin_nameservers("[Resolve]\n") == []
+
+
+@pytest.mark.parametrize(
+    ("link", "content", "expected"),
+    [
+        ("../run/systemd/resolve/stub-resolv.conf", "", True),
+        ("/run/systemd/resolve/stub-resolv.conf", "", True),
+        ("/run/systemd/resolve/resolv.conf", "", True),  # "uplink": only the tunnel, then
+        ("../usr/lib/systemd/resolv.conf", "", True),
+        ("/run/NetworkManager/resolv.conf", "", False),
+        ("../run/resolvconf/resolv.conf", "", False),
+        (None, "# a copy\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lab.test\n", True),
+        (None, "nameserver 127.0.0.53\nnameserver 198.51.100.1\n", False),
+        (None, "nameserver 198.51.100.1\n", False),
+        (None, "", False),
+    ],
+)
+def test_points_at_resolved(link: str | None, content: str, expected: bool) -> None:
+    assert resolved.points_at_resolved(link, content) is expected
+
+
+def test_servers_to_and_from_dbus_and_json() -> None:
+    v4, v6 = Server("198.51.100.1"), Server("2001:db8::1", 853, "dns.test")
+    assert v4.to_dbus() == [socket.AF_INET, bytes([198, 51, 100, 1]), 0, ""]
+    assert v6.to_dbus()[0] == socket.AF_INET6 and len(v6.to_dbus()[1]) == 16
+    for s in (v4, v6):
+        assert Server.from_dbus(*s.to_dbus()) == s
+        assert Server.from_json(s.to_json()) == s
+    assert v4.text() == "198.51.100.1" and v6.text() == "[2001:db8::1]:853#dns.test"
+
+
+def test_snapshot_search_domains_are_the_links_search_domains() -> None:
+    snap = Snapshot(
+        domains={
+            0: (("admin.test", False), (".", True)),
+            2: (("lab.test", False), ("vpn.example", True)),
+            3: (("lab.test", False), ("corp.example", False)),
+        }
+    )
+    assert snap.search_domains() == ["lab.test", "corp.example"]
+    assert sorted(snap.links()) == [2, 3]
+
+
+def test_links_to_put_back_only_where_they_are_still_empty_and_the_same() -> None:
+    recorded = [
+        {"ifindex": 2, "ifname": "wlan0", "servers": [{"address": "198.51.100.1"}]},
+        {"ifindex": 3, "ifname": "eth1", "servers": [{"address": "203.0.113.7"}]},
+        {"ifindex": 4, "ifname": "eth2", "servers": [{"address": "203.0.113.8"}]},
+        {"ifindex": 5, "ifname": "eth3", "servers": [{"address": "203.0.113.9"}]},
+    ]
+    now = Snapshot(
+        servers={2: (), 3: (Server("203.0.113.99"),), 5: ()},  # 3: fed anew since; 4: gone
+        ifnames={2: "wlan0", 3: "eth1", 5: "veth7"},  # 5: the index is another interface now
+    )
+    assert resolved.links_to_put_back(recorded, now) == [(2, [Server("198.51.100.1")])]
+
+
+# -- apply and revert against the fake --------------------------------------------------------
+def test_detect(root: Path, world: World) -> None:
+    assert world.backend().detect()
+    world.fake.up = False
+    assert not world.backend().detect()
+    world.fake.up = True
+    (root / "etc" / "resolv.conf").unlink()
+    (root / "etc" / "resolv.conf").symlink_to("/run/NetworkManager/resolv.conf")
+    assert not world.backend().detect()
+    (root / "etc" / "resolv.conf").unlink()
+    (root / "etc" / "resolv.conf").write_text("nameserver 127.0.0.53\nsearch lab.test\n")
+    assert world.backend().detect()
+
+
+def test_apply_empties_the_links_and_restore_puts_everything_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = world.fake
+    said = world.apply()
+    assert "systemd-resolved" in said and "127.0.0.153" in said
+    assert world.dropin.read_text() == resolved.render(TUNNEL, ["lab.test", "corp.example"])
+    assert oct(world.dropin.stat().st_mode & 0o777) == "0o644"
+    assert fake.restarts == 1 and fake.global_servers == [Server("127.0.0.153")]
+    assert fake.links == {LINK: [], OTHER: []}
+    # NM sent the servers again after the restart: emptied once more
+    assert [i for i, _ in fake.set_calls].count(LINK) == 2
+    entry = sysconf.Journal(world.state).load()
+    assert entry is not None
+    (journalled,) = entry["entries"]
+    assert journalled["global"] == [Server("192.0.2.53").to_json()]
+    assert {link["ifindex"]: link["ifname"] for link in journalled["links"]} == {
+        2: "wlan0",
+        3: "eth1",
+    }
+
+    said = world.restore(monkeypatch)
+    assert "wlan0 has its servers again" in said and "removed" in said
+    assert fake.links == {LINK: LINK_DNS, OTHER: [Server("203.0.113.7")]}
+    assert fake.global_servers == [Server("192.0.2.53")] and fake.restarts == 2
+    assert not world.dropin.exists()
+    assert sysconf.Journal(world.state).load() is None
+
+
+def test_applying_again_restarts_nothing(world: World) -> None:
+    world.apply()
+    world.apply()
+    assert world.fake.restarts == 1
+    assert world.fake.links[LINK] == []
+
+
+def test_killed_between_the_journal_and_the_change(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal holds only what record() saw; apply had done everything (or anything)."""
+    backend = world.backend()
+    sysconf.Journal(world.state).save(backend.name, [backend.record()])
+    backend.apply(TUNNEL, backend.record())  # ...and the process died before saving its entry
+    assert world.fake.links[LINK] == []
+    said = world.restore(monkeypatch)  # a fresh process
+    assert "wlan0 has its servers again" in said
+    assert world.fake.links[LINK] == LINK_DNS
+    assert world.fake.global_servers == [Server("192.0.2.53")]
+    assert not world.dropin.exists()
+
+
+def test_killed_after_the_dropin_but_before_resolved_read_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = world.fake
+
+    def dies() -> None:
+        raise ResolvedStubError("killed")
+
+    monkeypatch.setattr(fake, "restart", dies)
+    with pytest.raises(ResolvedStubError):
+        world.apply()
+    monkeypatch.undo()
+    assert world.dropin.exists() and fake.links[LINK] == LINK_DNS
+    world.restore(monkeypatch)
+    assert not world.dropin.exists() and fake.links[LINK] == LINK_DNS
+    assert fake.restarts == 1  # the drop-in was there: resolved reads its configuration again
+
+
+def test_restore_twice_after_a_crash_in_restore(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revert removed the drop-in and died before restarting resolved: the next one restarts
+    it, because resolved still forwards to the tunnel."""
+    world.apply()
+    world.dropin.unlink()
+    world.restore(monkeypatch)
+    assert world.fake.global_servers == [Server("192.0.2.53")]
+
+
+def test_after_a_reboot_there_is_nothing_to_put_back(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.apply()
+    world.fake.reboot()
+    world.boot = "boot-2"
+    calls = len(world.fake.set_calls)
+    said = world.restore(monkeypatch)
+    assert "nothing of ours left" in said
+    assert len(world.fake.set_calls) == calls and world.fake.restarts == 1
+
+
+def test_apply_after_a_reboot_records_afresh(world: World) -> None:
+    world.apply()
+    world.fake.reboot()
+    world.fake.nm[LINK] = [Server("198.51.100.77")]  # another network this time
+    world.fake.links[LINK] = [Server("198.51.100.77")]
+    world.boot = "boot-2"
+    world.apply()  # the journal of the first boot is still there
+    entry = sysconf.Journal(world.state).load()
+    assert entry is not None
+    (link,) = [x for x in entry["entries"][0]["links"] if x["ifindex"] == LINK]
+    assert link["servers"] == [{"address": "198.51.100.77", "port": 0, "name": ""}]
+    assert entry["entries"][0]["boot_id"] == "boot-2"
+
+
+def test_servers_fed_since_are_kept(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world.apply()
+    world.fake.nm[LINK] = [Server("198.51.100.50")]  # NM, after a new lease
+    world.fake.links[LINK] = [Server("198.51.100.50")]
+    world.restore(monkeypatch)
+    assert world.fake.links[LINK] == [Server("198.51.100.50")]
+    assert world.fake.links[OTHER] == [Server("203.0.113.7")]
+
+
+def test_a_link_resolved_will_not_let_go_is_said_and_left(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.fake.managed = {OTHER}  # systemd-networkd's: "Link 3 is managed."
+    with caplog.at_level(logging.WARNING, logger="agent.sysconf.resolved"):
+        world.apply()
+    assert world.fake.links == {LINK: [], OTHER: [Server("203.0.113.7")]}
+    assert "eth1" in caplog.text and "corp.example" in caplog.text
+    world.restore(monkeypatch)
+    assert world.fake.links[OTHER] == [Server("203.0.113.7")]
+
+
+def test_another_global_server_read_after_ours_is_warned_about(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = world.fake._read_config
+    world.fake._read_config = lambda: [*real(), Server("192.0.2.99")]  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="agent.sysconf.resolved"):
+        world.apply()
+    assert "192.0.2.99" in caplog.text
+
+
+def test_a_dropin_that_is_not_ours_is_left(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world.apply()
+    world.dropin.write_text("[Resolve]\nDNS=192.0.2.1\n")
+    said = world.restore(monkeypatch)
+    assert "not ours" in said and world.dropin.exists()
+
+
+def test_restore_at_shutdown_restarts_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.apply()
+
+    def stopping() -> None:
+        raise resolved.ShuttingDown("systemd is stopping the system")
+
+    monkeypatch.setattr(world.fake, "restart", stopping)
+    said = world.restore(monkeypatch)
+    assert "not restarted" in said and "has its servers again" in said
+    assert not world.dropin.exists()
+    assert sysconf.Journal(world.state).load() is None
+
+
+def test_restore_with_resolved_gone(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world.apply()
+    world.fake.up = False
+    said = world.restore(monkeypatch)
+    assert "not running" in said and not world.dropin.exists()
+
+
+def test_choose_prefers_resolved_when_it_is_the_stub(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resolved.DBusResolved, "on_bus", lambda self: True)
+    assert sysconf.choose("auto", root).name == "resolved"
+    assert sysconf.choose("resolved", root).name == "resolved"
+    (root / "etc" / "resolv.conf").unlink()
+    (root / "etc" / "resolv.conf").write_text("nameserver 198.51.100.1\n")
+    assert not sysconf.backends(root)["resolved"].detect()
