@@ -53,7 +53,7 @@ class TunnelProcess:
             proc.wait_until(lambda: "listening on" in log.read_text(), 10, "tunnel")
         return cls(proc, host, port)
 
-    def statistics(self, timeout: float = 3.0) -> dict[str, Any]:
+    def statistics(self, timeout: float = 10.0) -> dict[str, Any]:
         """Ask for statistics (SIGUSR1) and read the JSON line the tunnel logs."""
         before = self.proc.log.read_text().count("statistics: ")
         self.proc.popen.send_signal(signal.SIGUSR1)
