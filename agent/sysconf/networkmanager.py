@@ -45,8 +45,10 @@ What happens to:
   state directory survives too). Apply checks DnsManager.Mode says "none" before writing
   resolv.conf, and fails, saying why, if nothing silences NM.
 Crash safety: record() journals resolv.conf (content, symlink or absence), whether each
-drop-in file existed, and the bus: restore talks to the NM that apply changed, whatever
-configuration it runs with. Revert removes a drop-in only if it is ours (its header).
+drop-in file existed (one of ours counts as absent), and the bus: restore talks to the NM
+that apply changed, whatever configuration it runs with. Revert removes a drop-in only if
+it is ours (its header). Placing, checking and putting back a drop-in is NMDropin's job,
+which the resolved backend shares (its drop-in stops NM feeding systemd-resolved).
 
 dbus-next is asynchronous and sysconf is not: each D-Bus conversation runs to its end with
 asyncio.run, in a worker thread with a loop of its own when the caller already runs one
@@ -87,7 +89,10 @@ DNS_IFACE = f"{NM}.DnsManager"
 PROPS = "org.freedesktop.DBus.Properties"
 DBUS = "org.freedesktop.DBus"
 RELOAD_CONF = 0x1  # NMManagerReloadFlags: re-read the configuration files
-RELOAD_DNS_RC = 0x2  # ... and write resolv.conf again
+RELOAD_DNS_RC = 0x2  # ... and write resolv.conf again (and update the DNS plugins)
+# ... and set up DNS anew from the configuration: without it a change of systemd-resolved=
+# alone (no dns= change) is not applied until NM restarts (seen with NM 1.42)
+RELOAD_DNS_FULL = 0x4
 TIMEOUT = 10.0  # one whole D-Bus conversation
 # Reload takes effect before it answers (NM 1.42: Mode is "none" at once); a grace period
 # in case another version applies it later
@@ -187,6 +192,23 @@ class DBusNM:
 
         self._talk(ask)
 
+    def dns_interfaces(self) -> set[str]:
+        """The interfaces DnsManager.Configuration has servers for (what NM would send to
+        systemd-resolved); empty when NM is not on the bus."""
+
+        async def ask(bus: Any) -> set[str]:
+            (has,) = await _call(bus, "/org/freedesktop/DBus", DBUS, "NameHasOwner", "s", [NM])
+            if not has:
+                return set()
+            out: set[str] = set()
+            for entry in await _get(bus, DNS_PATH, DNS_IFACE, "Configuration"):
+                values = {k: v.value if isinstance(v, Variant) else v for k, v in entry.items()}
+                if values.get("nameservers") and values.get("interface"):
+                    out.add(str(values["interface"]))
+            return out
+
+        return self._talk(ask)
+
     def _talk(self, work: Callable[[Any], Awaitable[T]]) -> T:
         async def conversation() -> T:
             bus: Any  # dbus-next 0.2.3 is partly annotated
@@ -244,6 +266,115 @@ async def _get(bus: Any, path: str, iface: str, prop: str) -> Any:
     return value.value if isinstance(value, Variant) else value
 
 
+# -- a configuration drop-in of ours (also the resolved backend's) -------------------------
+def settled(nm: NMControl, mode: str = "none") -> DnsState | None:
+    """DnsManager's state once its Mode is `mode`, or as it is after SETTLE seconds."""
+    end = time.monotonic() + SETTLE
+    while True:
+        state = nm.state()
+        if state is None or state.mode == mode or time.monotonic() > end:
+            return state
+        time.sleep(0.05)
+
+
+class NMDropin:
+    """One NetworkManager configuration drop-in of ours, `text` (its first line is the
+    header that makes it ours): put in /run (gone at reboot), and also in /etc only when a
+    setting read after /run outranks it; loaded with Reload and checked after each step; put
+    back as record() found it (someone else's file of that name comes back as it was; one
+    that appeared since is left alone)."""
+
+    def __init__(
+        self, root: Path, text: str, name: str = DROPIN, reload_flags: int = RELOAD_CONF
+    ) -> None:
+        self.text = text
+        self.header = text.splitlines(keepends=True)[0]
+        self.paths = {where: root / d / name for where, d in DROPIN_DIRS.items()}
+        self.reload_flags = reload_flags  # how place() loads the drop-in (and unloads it)
+
+    def is_ours(self, text: str) -> bool:
+        return text.startswith(self.header)
+
+    def in_place(self) -> bool:
+        for path in self.paths.values():
+            with contextlib.suppress(OSError):
+                if self.is_ours(path.read_text()):
+                    return True
+        return False
+
+    def record(self) -> dict[str, dict[str, Any]]:
+        """Each file as it is (one of ours, left by a run that did not restore, is recorded as
+        absent: never something to put back)."""
+        out: dict[str, dict[str, Any]] = {}
+        for where, path in self.paths.items():
+            try:
+                content = path.read_text()
+            except FileNotFoundError:
+                content = None
+            if content is None or self.is_ours(content):
+                out[where] = {"file": str(path), "absent": True}
+            else:
+                out[where] = {"file": str(path), "content": content}
+        return out
+
+    def place(
+        self,
+        nm: NMControl,
+        recorded: dict[str, dict[str, Any]],
+        check: Callable[[NMControl], str | None],
+    ) -> list[str]:
+        """The drop-in in /run, NM reloaded, `check`ed (it says what is still wrong, None:
+        nothing); then also in /etc. The files used; NMStubError, with everything put back
+        as `recorded`, when neither satisfies `check` (or anything fails half-way)."""
+        used: list[str] = []
+        wrong: str | None = None
+        try:
+            for where, path in self.paths.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, self.text.encode(), mode=0o644)
+                used.append(str(path))
+                nm.reload(self.reload_flags)
+                wrong = check(nm)
+                if wrong is None:
+                    return used
+                LOG.warning(
+                    "NetworkManager %s with %s in place: a setting read after it outranks it%s",
+                    wrong,
+                    path,
+                    "; trying /etc (kept across reboots until restore)" if where == "run" else "",
+                )
+            raise NMStubError(
+                f"NetworkManager {wrong} with {', '.join(used)} in place "
+                "(is it set in a file read after them?); nothing changed"
+            )
+        except Exception:
+            self.put_back(recorded)
+            with contextlib.suppress(NMStubError):
+                nm.reload(self.reload_flags)  # NM re-reads its configuration without ours
+            raise
+
+    def put_back(self, recorded: dict[str, dict[str, Any]]) -> list[str]:
+        """Each file as `recorded` found it (not recorded: absent): ours removed, anyone
+        else's kept; what was done, for the caller's sentence."""
+        said = []
+        for where, path in self.paths.items():
+            before = recorded.get(where) or {"absent": True}
+            try:
+                now: str | None = path.read_text()
+            except FileNotFoundError:
+                now = None
+            if before.get("absent"):
+                if now is not None and self.is_ours(now):
+                    path.unlink()
+                    said.append(f"{path} removed")
+                elif now is not None:
+                    said.append(f"{path} is not ours: left as it is")
+            elif now != before["content"]:
+                write_atomic(path, before["content"].encode(), mode=0o644)
+                said.append(f"{path} put back as it was")
+        return said
+
+
 # -- the backend --------------------------------------------------------------------------
 class NetworkManagerBackend:
     name = "networkmanager"
@@ -258,14 +389,7 @@ class NetworkManagerBackend:
         self.bus_address = bus_address or None
         self.connect: Callable[[str | None], NMControl] = connect or DBusNM
         self.file = ResolvConfFile(root)
-        self.dropins = {where: root / d / DROPIN for where, d in DROPIN_DIRS.items()}
-
-    def _ours_in_place(self) -> bool:
-        for path in self.dropins.values():
-            with contextlib.suppress(OSError):
-                if is_ours(path.read_text()):
-                    return True
-        return False
+        self.dropin = NMDropin(root, render_dropin())
 
     def detect(self) -> bool:
         """NM is on the bus and writes /etc/resolv.conf (or is silenced by our drop-in)."""
@@ -276,7 +400,7 @@ class NetworkManagerBackend:
             return False
         if state is None:
             return False
-        if self._ours_in_place():
+        if self.dropin.in_place():
             return True  # dns=none is our doing: a run before this one did not restore
         path = self.file.path
         link = os.readlink(path) if path.is_symlink() else None
@@ -287,16 +411,10 @@ class NetworkManagerBackend:
 
     def record(self) -> dict[str, Any]:
         """resolv.conf as it is, whether each drop-in file exists, and which NM this is."""
-        dropins: dict[str, dict[str, Any]] = {}
-        for where, path in self.dropins.items():
-            try:
-                dropins[where] = {"file": str(path), "content": path.read_text()}
-            except FileNotFoundError:
-                dropins[where] = {"file": str(path), "absent": True}
         entry: dict[str, Any] = {
             "bus": self.bus_address or "",
             "resolv_conf": self.file.record(),
-            "dropins": dropins,
+            "dropins": self.dropin.record(),
         }
         with contextlib.suppress(NMStubError):
             state = self.connect(self.bus_address).state()
@@ -314,69 +432,19 @@ class NetworkManagerBackend:
                 f"NetworkManager is not on {self.bus_address or 'the system bus'}: "
                 "nothing to keep from rewriting resolv.conf (stub_backend = networkmanager)"
             )
-        used: list[str] = []
-        for where, path in self.dropins.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, render_dropin().encode(), mode=0o644)
-            used.append(str(path))
-            nm.reload(RELOAD_CONF)
-            state = self._settled(nm)
-            if state is not None and state.mode == "none":
-                break
-            LOG.warning(
-                "NetworkManager still manages DNS (mode %s) with %s in place: a dns= "
-                "setting read later outranks it%s",
-                state.mode if state else "unknown",
-                path,
-                "; trying /etc (kept across reboots until restore)" if where == "run" else "",
-            )
-        else:
-            self._put_back_dropins(previous)
-            nm.reload(RELOAD_CONF)
-            raise NMStubError(
-                f"NetworkManager kept managing DNS with {', '.join(used)} in place "
-                "(is dns= set in a file read after them?); nothing changed"
-            )
+        used = self.dropin.place(nm, previous.get("dropins", {}), _silenced)
         try:
             written = self.file.apply(nameservers, previous["resolv_conf"], extra_search)
         except OSError:
-            self._put_back_dropins(previous)  # NM must not stay silenced for a file not ours
+            self.dropin.put_back(previous.get("dropins", {}))  # not silenced for a file not ours
             nm.reload(RELOAD_CONF)
             raise
         return {**previous, "bus": self.bus_address or "", "resolv_conf": written, "used": used}
 
-    def _settled(self, nm: NMControl) -> DnsState | None:
-        """DnsManager's state once it says "none", or as it is after SETTLE seconds."""
-        end = time.monotonic() + SETTLE
-        while True:
-            state = nm.state()
-            if state is None or state.mode == "none" or time.monotonic() > end:
-                return state
-            time.sleep(0.05)
-
-    def _put_back_dropins(self, entry: dict[str, Any]) -> list[str]:
-        """Each drop-in file as the entry found it: ours removed, anyone else's kept."""
-        said = []
-        for where, before in entry.get("dropins", {}).items():
-            path = self.dropins[where]
-            try:
-                now: str | None = path.read_text()
-            except FileNotFoundError:
-                now = None
-            if before.get("absent"):
-                if now is not None and is_ours(now):
-                    path.unlink()
-                    said.append(f"{path} removed")
-                elif now is not None:
-                    said.append(f"{path} is not ours: left as it is")
-            elif now != before["content"]:
-                write_atomic(path, before["content"].encode(), mode=0o644)
-                said.append(f"{path} put back as it was")
-        return said
-
     def revert(self, entry: dict[str, Any]) -> str:
         """resolv.conf back (if still ours), our drop-ins gone, NM reloaded: it writes again."""
-        said = [self.file.revert(entry["resolv_conf"]), *self._put_back_dropins(entry)]
+        said = [self.file.revert(entry["resolv_conf"])]
+        said += self.dropin.put_back(entry.get("dropins", {}))
         nm = self.connect(entry.get("bus") or self.bus_address)
         try:
             state = nm.state()
@@ -393,3 +461,11 @@ class NetworkManagerBackend:
                     f"NetworkManager reloaded: mode {state.mode}, rc-manager {state.rc_manager}"
                 )
         return "; ".join(said)
+
+
+def _silenced(nm: NMControl) -> str | None:
+    """What is still wrong once the drop-in is loaded: nothing when DnsManager says "none"."""
+    state = settled(nm, "none")
+    if state is None:
+        return "left the bus"
+    return None if state.mode == "none" else f"kept managing DNS (mode {state.mode})"

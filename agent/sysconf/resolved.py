@@ -1,17 +1,15 @@
 """Backend: systemd-resolved is the system's stub; every query it gets goes to the tunnel.
 
 Applications keep asking 127.0.0.53 (or resolved over D-Bus and nss-resolve); resolved
-keeps running, and forwards everything to the tunnel. Two parts, because resolved offers
+keeps running, and forwards everything to the tunnel. Three parts, because resolved offers
 no single way that does it all (found with the real resolved 252 of Debian 12, fed by a
 real NetworkManager 1.42 in tests/lab/resolvedlab.py):
 
 1. **Global: a drop-in plus a restart.** resolved's D-Bus API has no way to set *global*
    DNS servers (Manager.DNS is read-only; only SetLink* methods exist). The tunnel could be
    every link's server over D-Bus (SetLinkDNS to 127.0.0.153 works: loopback servers are
-   reached through lo), but links are NetworkManager's: it sends each link's settings
-   again whenever its DNS configuration changes and whenever resolved restarts, and every
-   name would then go to the network's servers in cleartext again. Global settings are
-   nobody else's and outlast both. So `run/systemd/resolved.conf.d/zz-dnstls-agent.conf` says
+   reached through lo), but links are their manager's to set. Global settings are nobody
+   else's. So `run/systemd/resolved.conf.d/zz-dnstls-agent.conf` says
    `DNS=` (dropping any global servers configured before: they would share the default
    route), `DNS=127.0.0.153`, `Domains=~. <the links' search domains>` (the tunnel is the
    default route, and single-label names keep their search domains for resolved's own
@@ -22,37 +20,69 @@ real NetworkManager 1.42 in tests/lab/resolvedlab.py):
    global server. In /run, a tmpfs: it survives a restart of resolved, and is gone at
    reboot, so a machine that loses power while the agent runs boots with resolved as it was,
    whether the agent starts again or not. Named `zz-` to be read after other drop-ins.
-2. **Per link: D-Bus SetLinkDNS(ifindex, []).** The drop-in alone leaks: resolved routes a
+2. **NetworkManager stops feeding resolved: its drop-in, `[main] dns=none` and
+   `systemd-resolved=false`.** NM sends each link's servers and domains to resolved
+   (SetLink*) whenever its DNS configuration changes (a lease with other servers, a new
+   connection), whenever it starts and whenever resolved comes (back) on the bus; a
+   network's own domain then routed names to the link's servers in cleartext again (part
+   3) until the next `dnstls-agent stub`. NM has two ways of feeding resolved and both must
+   stop (NM 1.42, its source and the lab agree): `dns=systemd-resolved` (set, or picked by
+   NM itself when resolv.conf is resolved's symlink) makes resolved NM's DNS plugin, and
+   `systemd-resolved=true` (the default) feeds it next to any other dns= mode, so `dns=none`
+   alone does not stop it and `systemd-resolved=false` alone is ignored in resolved mode.
+   `dns=none` also makes rc-manager "unmanaged" whatever it says: NM writes nothing to
+   /etc/resolv.conf (with `dns=default` instead, rc-manager=file would write through
+   resolved's symlink). NM keeps following the network (DnsManager.Configuration follows
+   every lease: the watcher sees what it saw), and the links keep the domains NM last sent.
+   The drop-in is placed as the networkmanager backend places its own (networkmanager.py,
+   NMDropin): `/run/NetworkManager/conf.d/99-dnstls-agent-resolved.conf`, gone at reboot;
+   also in /etc/NetworkManager/conf.d only when a setting read after /run outranks it (an
+   explicit `dns=` in NetworkManager.conf). Reload's DNS_FULL flag loads it (without it a
+   change of systemd-resolved= alone waits for NM's restart), and it is checked: Mode must
+   say "none", and, since no property shows systemd-resolved=, NM asked to send its DNS
+   configuration again (Reload's DNS_RC) must give no emptied link servers within `quiet`
+   (this can tell only while NM has servers for some link). NM that will not stop, or is
+   not there (systemd-networkd or nobody feeds resolved), is as before: a warning, and the
+   links are emptied all the same.
+3. **Per link: D-Bus SetLinkDNS(ifindex, []).** The drop-in alone leaks: resolved routes a
    name to the link whose search or routing domain matches it best, and a network's own
    domain (DHCP's `lab.test`) always beats `~.`: `www.lab.test` and the expansions of
    single-label names went to the link's own server in cleartext (seen on the server side).
    A link without servers gets no unicast DNS, but keeps its domains (the search list of
-   stub-resolv.conf is unchanged). Each link's servers are journalled first and put back by
-   revert (only where the link still has none: whoever set new ones since is right).
+   stub-resolv.conf is unchanged). Each link's servers are journalled first; on revert NM
+   sends every link's servers of *now* (revert gives it `settle` seconds), and the
+   journalled ones are put back only on links that still have none.
+
+Why not something else: per-connection settings (ignore-auto-dns, dns-priority) would
+change NM's stored profiles, which outlive a crash and a reboot; resolved has no global
+setting that outranks a link's domain (a global `Domains=~lab.test` ties with the link's
+and resolved then asks both); emptying the links again after each change (the daemon
+follows NM) cannot be done unprivileged (SetLinkDNS wants CAP_NET_ADMIN or polkit's yes)
+and would always be late: NM sends first.
 
 What survives what:
-- a restart of resolved: the drop-in (a file); the emptied links too (resolved keeps them in
-  /run/systemd/resolve/netif), but NetworkManager sends every link's settings again as soon
-  as resolved is back on the bus, and so it does when its DNS configuration changes (a
-  lease with other servers or domains, a new connection): names in the link's domains then
-  reach the link's server again until the next `dnstls-agent stub`. NetworkManager's
-  `dns=none` alone does not stop this (`systemd-resolved=false` does). Everything not in a
-  link's domains stays with the tunnel throughout (`~.`). The daemon, unprivileged, cannot
-  empty the links again itself (SetLinkDNS wants CAP_NET_ADMIN or polkit's yes).
+- a restart of resolved: the drop-in (a file) and the emptied links (resolved keeps them in
+  /run/systemd/resolve/netif); NM, silenced, sends nothing.
+- a restart of NM, a new lease, a new connection: NM reads its drop-in at start and sends
+  nothing; a new link has no servers (everything goes to the tunnel) and, until the next
+  `stub`, no search domain of its own.
 - a link that systemd-networkd manages: resolved refuses SetLinkDNS for it ("Link ... is
   managed", by its source; not exercised here): a warning says which domains keep going to
   which servers, and apply goes on (the default route is the tunnel's all the same).
-- a reboot: nothing of ours (the drop-in and resolved's link state are in /run); revert
-  then only removes the journal (the boot ID in it tells).
+- a reboot: nothing of ours in /run (the drop-ins and resolved's link state); an NM drop-in
+  that had to go to /etc is recorded as absent by the next record() (it is ours) and
+  removed by restore; the links are put back in the boot they were emptied in only (the
+  boot ID in the journal tells).
 Costs: each apply that changes the drop-in and each revert restart resolved (its cache is
-lost; its stub is away for some milliseconds); the links' search domains are copied into
-the drop-in as they are at apply.
+lost; its stub is away for some milliseconds); NM is reloaded at apply and at revert; the
+links' search domains are copied into the drop-in as they are at apply.
 
-Crash safety: record() journals the global servers and every link's servers before any
-change; revert works from that alone (apply may have died anywhere): it puts back the
-servers of each recorded link that has none now (same name, same boot), removes our drop-in
-(recognised by its header) and restarts resolved when the drop-in was there or resolved
-still forwards to the addresses it named, waiting until it no longer does.
+Crash safety: record() journals the global servers, every link's servers and NM's drop-in
+files before any change; revert works from that alone (apply may have died anywhere): it
+removes our drop-in (recognised by its header) and restarts resolved when the drop-in was
+there or resolved still forwards to the addresses it named, waiting until it no longer
+does; removes our NM drop-ins and reloads NM (it feeds resolved again); then puts back the
+servers of each recorded link that has none now (same name, same boot).
 
 dbus-next is asynchronous and sysconf is not: each D-Bus conversation runs to its end with
 asyncio.run in a worker thread (the daemon, run as root, calls this from inside its loop).
@@ -81,6 +111,17 @@ from dbus_next.signature import Variant
 
 from agent.errors import AgentError
 from agent.sysconf.journal import write_atomic
+from agent.sysconf.networkmanager import (
+    RELOAD_CONF,
+    RELOAD_DNS_FULL,
+    RELOAD_DNS_RC,
+    DBusNM,
+    DnsState,
+    NMControl,
+    NMDropin,
+    NMStubError,
+    settled,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -105,6 +146,13 @@ DROPIN_DIR = "run/systemd/resolved.conf.d"
 DROPIN = "zz-dnstls-agent.conf"
 HEADER = "# Written by dnstls-agent: systemd-resolved forwards every query to its tunnel.\n"
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+# NetworkManager's drop-in (in /run/NetworkManager/conf.d, or also /etc/...: networkmanager.py)
+NM_DROPIN = "99-dnstls-agent-resolved.conf"
+NM_RELOAD = RELOAD_CONF | RELOAD_DNS_FULL  # systemd-resolved= alone takes effect only so
+NM_HEADER = (
+    "# Written by dnstls-agent: NetworkManager stops feeding systemd-resolved while the "
+    "agent runs.\n"
+)
 # /etc/resolv.conf pointing at resolved: its stub file, its static stub file, or the file
 # listing its upstreams ("uplink": those are then only the tunnel, the links having none)
 RESOLVED_FILES = (
@@ -205,6 +253,20 @@ def render(nameservers: Sequence[str], search: Sequence[str] = ()) -> str:
     )
 
 
+def render_nm_dropin() -> str:
+    """NetworkManager's drop-in: no link's settings reach resolved, and resolv.conf stays
+    resolved's (dns=none makes rc-manager "unmanaged", whatever it says)."""
+    return (
+        NM_HEADER
+        + "# Removed by `dnstls-agent restore` (the unit's ExecStopPost): do not edit.\n"
+        + "[main]\n"
+        + "# no DNS plugin (systemd-resolved was one) and resolv.conf left alone\n"
+        + "dns=none\n"
+        + "# nor the systemd-resolved plugin that works next to any other dns= mode\n"
+        + "systemd-resolved=false\n"
+    )
+
+
 def is_ours(text: str) -> bool:
     return text.startswith(HEADER)
 
@@ -283,6 +345,20 @@ class ResolvedControl(Protocol):
         """systemd: ReloadOrTryRestartUnit(systemd-resolved.service); ShuttingDown when
         systemd's SystemState is "stopping" (the restore at shutdown: resolved is being
         stopped too, and a restart job would be refused as destructive)."""
+
+
+class NMFeeder(Protocol):
+    """NetworkManager as this backend sees it, the one that feeds resolved's links (DBusNM of
+    networkmanager.py; a fake in the unit tests)."""
+
+    def state(self) -> DnsState | None:
+        """DnsManager's Mode and RcManager; None when NM is not on the bus."""
+
+    def reload(self, flags: int) -> None:
+        """NetworkManager.Reload(flags)."""
+
+    def dns_interfaces(self) -> set[str]:
+        """The interfaces NM has DNS servers for (DnsManager.Configuration)."""
 
 
 def blocking(make: Callable[[], Awaitable[T]], timeout: float = TIMEOUT) -> T:
@@ -471,6 +547,7 @@ class ResolvedBackend:
         bus_address: str | None = None,
         *,
         control: ResolvedControl | None = None,
+        nm: Callable[[str | None], NMFeeder] | None = None,
         boot_id: Callable[[], str] = _boot_id,
         quiet: float = QUIET,
         settle: float = SETTLE,
@@ -479,12 +556,14 @@ class ResolvedBackend:
         self.root = root
         self.bus_address = bus_address or None
         self.control: ResolvedControl = control or DBusResolved(self.bus_address)
+        self.nm: Callable[[str | None], NMFeeder] = nm or DBusNM
         self.boot_id = boot_id
         self.quiet = quiet
         self.settle = settle
         self.timeout = timeout
         self.resolv_conf = root / "etc" / "resolv.conf"
         self.dropin = root / DROPIN_DIR / DROPIN
+        self.nm_dropin = NMDropin(root, render_nm_dropin(), NM_DROPIN, NM_RELOAD)
 
     def detect(self) -> bool:
         """/etc/resolv.conf is resolved's (its stub) and resolved is on the bus."""
@@ -514,6 +593,7 @@ class ResolvedBackend:
             "boot_id": self.boot_id(),
             "global": [s.to_json() for s in snap.global_servers()],
             "links": record_links([], snap),
+            "nm_dropins": self.nm_dropin.record(),
         }
 
     def apply(
@@ -550,10 +630,13 @@ class ResolvedBackend:
                 ", ".join(extra),
                 self.dropin,
             )
-        entry["links"] = self._empty_links(entry["links"])
+        entry["links"], entry["nm_used"] = self._silence_nm(entry["links"], previous)
         return entry
 
     def revert(self, entry: dict[str, Any]) -> str:
+        """resolved's drop-in gone (resolved restarted), NM's drop-in gone (NM reloaded: it
+        feeds resolved again with the links' servers of now), then the recorded servers put
+        back on the links that still have none (same boot only)."""
         control = self.control
         if isinstance(control, DBusResolved) and entry.get("bus", "") != (self.bus_address or ""):
             control = DBusResolved(entry["bus"] or None)  # the resolved that apply changed
@@ -566,17 +649,6 @@ class ResolvedBackend:
         forwarded = set(dropin_nameservers(text) if ours and text else entry.get("nameservers", []))
         on_bus = control.on_bus()
         snap = control.snapshot() if on_bus else Snapshot()
-        if on_bus and entry.get("boot_id") == self.boot_id():
-            for ifindex, servers in links_to_put_back(entry.get("links", []), snap):
-                name = snap.ifnames.get(ifindex) or f"link {ifindex}"
-                try:
-                    control.set_link_dns(ifindex, servers)
-                except ResolvedStubError as exc:
-                    said.append(f"{name}: servers not put back ({exc})")
-                    continue
-                said.append(
-                    f"{name} has its servers again ({', '.join(s.text() for s in servers)})"
-                )
         if text is not None and not ours:
             said.append(f"{self.dropin} is not ours: left as it is")
         elif text is not None:
@@ -587,17 +659,21 @@ class ResolvedBackend:
             try:
                 control.restart()
             except ShuttingDown as exc:
-                return "systemd-resolved: " + "; ".join([*said, f"not restarted: {exc}"])
-            self._wait(
-                control,
-                "resolved to stop forwarding to " + ", ".join(sorted(forwarded)),
-                lambda s: not (_addresses(s.global_servers()) & forwarded),
-            )
-            said.append("systemd-resolved restarted without it")
+                said.append(f"not restarted: {exc}")
+            else:
+                self._wait(
+                    control,
+                    "resolved to stop forwarding to " + ", ".join(sorted(forwarded)),
+                    lambda s: not (_addresses(s.global_servers()) & forwarded),
+                )
+                said.append("systemd-resolved restarted without it")
         elif not on_bus and ours:
             said.append(
                 "systemd-resolved is not running: it reads its configuration when it starts"
             )
+        fed = self._unsilence_nm(entry, said)
+        if on_bus and entry.get("boot_id") == self.boot_id():
+            said.extend(self._put_back_links(control, entry.get("links", []), fed))
         if not said:
             return "systemd-resolved: nothing of ours left (after a reboot, /run starts empty)"
         return "systemd-resolved: " + "; ".join(said)
@@ -656,3 +732,116 @@ class ResolvedBackend:
                     f"links {sorted(busy)} keep getting DNS servers back in systemd-resolved"
                 )
             time.sleep(POLL)
+
+    def _silence_nm(
+        self, recorded: list[dict[str, Any]], previous: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """NetworkManager stops feeding resolved (our drop-in, as the networkmanager backend
+        places its own), then every link is emptied: the links as recorded, and the drop-ins
+        used. Without NM (systemd-networkd, or nobody, feeds resolved), or with an NM that
+        will not stop, the links are emptied all the same."""
+        links = recorded
+        try:
+            nm = self.nm(self.bus_address)
+            present = nm.state() is not None
+        except NMStubError as exc:
+            LOG.debug("no NetworkManager to stop feeding systemd-resolved: %s", exc)
+            present = False
+        if not present:
+            LOG.info("no NetworkManager on %s: it feeds no link of resolved", self.control.where)
+            return self._empty_links(links), []
+
+        def silenced(nm: NMControl) -> str | None:
+            nonlocal links
+            state = settled(nm, "none")
+            if state is None:
+                return "left the bus"
+            if state.mode != "none":
+                return f"kept managing DNS (mode {state.mode})"
+            links = self._empty_links(links)
+            if self._fed_again(nm):  # dns=none won, systemd-resolved=false did not
+                return "kept sending the links' servers to systemd-resolved"
+            return None
+
+        try:
+            used = self.nm_dropin.place(nm, previous.get("nm_dropins", {}), silenced)
+        except NMStubError as exc:
+            LOG.warning(
+                "%s: names in the links' own domains go to the links' own servers again "
+                "whenever NetworkManager sends them to systemd-resolved (a new lease, a "
+                "restart), until `dnstls-agent stub` runs again",
+                exc,
+            )
+            return self._empty_links(links), []
+        return links, used
+
+    def _fed_again(self, nm: NMControl) -> bool:
+        """Asked to send its DNS configuration again (Reload's DNS_RC flag: nothing else
+        happens with dns=none), does NM give any emptied link servers within `quiet`?"""
+        empty = {i for i, s in self.control.snapshot().links().items() if not s}
+        nm.reload(RELOAD_DNS_RC)
+        end = time.monotonic() + self.quiet
+        while True:
+            links = self.control.snapshot().links()
+            if any(links.get(i) for i in empty):
+                return True
+            if time.monotonic() > end:
+                return False
+            time.sleep(POLL)
+
+    def _unsilence_nm(self, entry: dict[str, Any], said: list[str]) -> set[str]:
+        """Our NM drop-ins gone and NM reloaded (when they were there or apply used them):
+        it sends every link's settings to resolved again. The interfaces it has servers
+        for (it sends those), empty when NM was not touched or not reached."""
+        changed = self.nm_dropin.put_back(entry.get("nm_dropins", {}))
+        said.extend(changed)
+        if not changed and not entry.get("nm_used"):
+            return set()
+        nm = self.nm(entry.get("bus") or self.bus_address)
+        try:
+            state = nm.state()
+            if state is None:
+                said.append("NetworkManager is not running: it reads the change when it starts")
+                return set()
+            nm.reload(NM_RELOAD)
+            state = nm.state()
+            fed = nm.dns_interfaces()
+        except NMStubError as exc:
+            said.append(f"NetworkManager not reached ({exc}): it reads the change when it starts")
+            return set()
+        said.append(f"NetworkManager reloaded (mode {state.mode if state else 'unknown'})")
+        return fed
+
+    def _put_back_links(
+        self, control: ResolvedControl, recorded: Sequence[dict[str, Any]], fed: set[str]
+    ) -> list[str]:
+        """The recorded servers back on each link that has none, once NM has had `settle`
+        seconds to send its own for the links in `fed` (those of now are right)."""
+        names = {str(link.get("ifname", "")) for link in recorded} & fed
+        end = time.monotonic() + self.settle
+        snap = Snapshot()
+        have: set[str] = set()
+        while True:
+            try:
+                snap = control.snapshot()
+            except ResolvedStubError:
+                pass  # just restarted
+            else:
+                have = {snap.ifnames.get(i, "") for i, s in snap.links().items() if s}
+                if names <= have:
+                    break
+            if time.monotonic() > end:
+                break
+            time.sleep(POLL)
+        said: list[str] = []
+        for ifindex, servers in links_to_put_back(recorded, snap):
+            name = snap.ifnames.get(ifindex) or f"link {ifindex}"
+            try:
+                control.set_link_dns(ifindex, servers)
+            except ResolvedStubError as exc:
+                said.append(f"{name}: servers not put back ({exc})")
+                continue
+            said.append(f"{name} has its servers again ({', '.join(s.text() for s in servers)})")
+        if names & have:
+            said.append("NetworkManager gave " + ", ".join(sorted(names & have)) + " its servers")
+        return said

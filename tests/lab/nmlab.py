@@ -303,7 +303,12 @@ class NMLab:
     nm_dns      NM's [main] dns=: "default" (NM writes the lab's /etc/resolv.conf), "none"
                 (NM leaves it alone; DnsManager.Configuration works the same) or
                 "systemd-resolved" (NM sends each link's DNS settings to resolved over the
-                bus and leaves resolv.conf alone; tests.lab.resolvedlab runs a resolved)
+                bus and leaves resolv.conf alone; tests.lab.resolvedlab runs a resolved);
+                "auto": no dns=, rc-manager= or systemd-resolved= at all, as in a stock
+                NetworkManager.conf (NM picks systemd-resolved itself when resolv.conf is
+                resolved's symlink: give `resolv_conf_link`)
+    resolv_conf_link  the machine's /etc/resolv.conf starts as a symlink to this (default:
+                an empty file), before NM starts
     dispatcher  script(s) to install in NM's dispatcher.d (copied; run by the bus-activated
                 nm-dispatcher, as root, inside the machine); `dispatcher_env` is exported
                 to them (nm-dispatcher gives scripts an environment of its own making)
@@ -329,7 +334,8 @@ class NMLab:
         directory: Path,
         *,
         dns: Sequence[str] = (SRV_IPS[0],),
-        nm_dns: Literal["default", "none", "systemd-resolved"] = "default",
+        nm_dns: Literal["default", "none", "systemd-resolved", "auto"] = "default",
+        resolv_conf_link: str | None = None,
         dispatcher: Path | Sequence[Path] | None = None,
         dispatcher_env: Mapping[str, str] | None = None,
         srv_ips: Sequence[str] = SRV_IPS,
@@ -343,6 +349,7 @@ class NMLab:
         self.parent = directory
         self.initial_dns = list(dns)
         self.nm_dns = nm_dns
+        self.resolv_conf_link = resolv_conf_link
         if isinstance(dispatcher, Path):
             dispatcher = [dispatcher]
         self.dispatcher_scripts = list(dispatcher or [])
@@ -450,8 +457,12 @@ class NMLab:
             "dispatcher-scripts",
         ):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        # the machine's resolv.conf starts empty (a regular file, whatever the host has)
-        self.resolv_conf_path.write_text("")
+        # the machine's resolv.conf starts empty (a regular file, whatever the host has),
+        # or as the symlink asked for
+        if self.resolv_conf_link is not None:
+            self.resolv_conf_path.symlink_to(self.resolv_conf_link)
+        else:
+            self.resolv_conf_path.write_text("")
         if not Path("/etc/NetworkManager").is_dir():
             (self.dir / "etc-upper/NetworkManager").mkdir()
         if not Path("/var/lib/NetworkManager").is_dir():
@@ -558,13 +569,15 @@ exec {dispatcher} --debug >> {self.logs / "nm-dispatcher.log"} 2>&1
         etc = self.dir / "etc-nm"
         rc_manager = "file" if self.nm_dns == "default" else "unmanaged"
         to_resolved = "true" if self.nm_dns == "systemd-resolved" else "false"
+        dns = (
+            ""
+            if self.nm_dns == "auto"
+            else f"dns={self.nm_dns}\nrc-manager={rc_manager}\nsystemd-resolved={to_resolved}\n"
+        )
         (etc / "NetworkManager.conf").write_text(
             f"""[main]
 plugins=keyfile
-dns={self.nm_dns}
-rc-manager={rc_manager}
-systemd-resolved={to_resolved}
-dhcp=internal
+{dns}dhcp=internal
 no-auto-default=*
 auth-polkit=false
 # never touch the hostname (the machine has a UTS namespace of its own anyway)

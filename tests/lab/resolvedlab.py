@@ -16,7 +16,11 @@ whose /run is the lab's, and the private system bus):
                              org.freedesktop.systemd1 on the bus and restarts resolved when
                              asked for it as systemd would (no systemd is PID 1 here)
     NetworkManager           dns=systemd-resolved: each link's servers and domains reach
-                             resolved with SetLink* calls, as on a desktop
+                             resolved with SetLink* calls, as on a desktop. Its
+                             NetworkManager.conf says so explicitly (which outranks a drop-in
+                             in /run/NetworkManager/conf.d); with nm_dns="auto" it says
+                             nothing about DNS, as a stock one, and NM picks resolved because
+                             /etc/resolv.conf is resolved's symlink from the start
 
 Servers on the network side are the test peer served from a thread of this process inside
 the server namespace (`PeerInNetns`): what reaches it is counted on the server side.
@@ -35,8 +39,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
-from agent.sysconf.resolved import RESOLVE1, UNIT, DBusResolved, Snapshot
+from agent.sysconf.resolved import NM_DROPIN, RESOLVE1, UNIT, DBusResolved, Snapshot
 from tests.lab.netns import SRV_IPS, enter
 from tests.lab.nmlab import NMLab
 from tests.lab.peer import Peer, PeerConfig, Seen
@@ -139,12 +144,19 @@ class ResolvedLab:
         *,
         dns: Sequence[str] = (LINK_DNS,),
         resolved_conf: str | None = None,
+        nm_dns: Literal["systemd-resolved", "auto"] = "systemd-resolved",
         timeout: float = 30.0,
     ) -> None:
         self.package_root = package_root
         self.resolved_conf = resolved_conf
         self.timeout = timeout
-        self.nm = NMLab(directory, dns=dns, nm_dns="systemd-resolved", timeout=timeout)
+        self.nm = NMLab(
+            directory,
+            dns=dns,
+            nm_dns=nm_dns,
+            resolv_conf_link=STUB_RESOLV_CONF if nm_dns == "auto" else None,
+            timeout=timeout,
+        )
         self.manager: Process | None = None
         self.startup_seconds = 0.0
 
@@ -168,6 +180,19 @@ class ResolvedLab:
     def dropin(self) -> Path:
         """Our drop-in as seen from outside (the machine's /run is DIR/run)."""
         return self.dir / "run/systemd/resolved.conf.d/zz-dnstls-agent.conf"
+
+    def nm_dropins(self) -> dict[str, Path]:
+        """Our NetworkManager drop-ins that exist, by where ("run", "etc"), seen from outside
+        (the machine's /etc/NetworkManager is DIR/etc-nm)."""
+        places = {
+            "run": self.dir / "run/NetworkManager/conf.d" / NM_DROPIN,
+            "etc": self.dir / "etc-nm/conf.d" / NM_DROPIN,
+        }
+        return {where: path for where, path in places.items() if path.exists()}
+
+    def resolv_conf_link(self) -> str:
+        """The machine's /etc/resolv.conf as a symlink target ("" if it is not a symlink)."""
+        return self.run([need("readlink"), "/etc/resolv.conf"], check=False).stdout.strip()
 
     # -- start-up ----------------------------------------------------------------------------
     def __enter__(self) -> ResolvedLab:
@@ -321,6 +346,7 @@ class ResolvedLab:
 __all__ = [
     "LINK_DNS",
     "RESOLVE1",
+    "STUB_RESOLV_CONF",
     "LabError",
     "PeerInNetns",
     "ResolvedLab",

@@ -7,7 +7,9 @@ on 198.51.100.1) and the tunnel's upstream (TLS on 198.51.100.2:853). While the 
 pointed, not one query reaches the link's server, whatever the name: one outside every
 domain, one in the network's own domain (lab.test, which resolved would route to the link),
 a single-label one (expanded with the search domain), through resolved's D-Bus API, the
-127.0.0.53 stub and glibc.
+127.0.0.53 stub and glibc; nor after what used to bring the link's servers back into
+resolved (NetworkManager sending them again after a new lease, its own restart or
+resolved's), since NetworkManager stops feeding resolved while the stub is pointed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -27,13 +30,21 @@ from agent.sysconf.resolved import ResolvedStubError, Server, Snapshot
 from tests.conftest import Certs, missing, require_program, require_root
 from tests.lab.netns import SRV_IPS
 from tests.lab.peer import PEER_A, PeerConfig
-from tests.lab.resolvedlab import LINK_DNS, LabError, PeerInNetns, ResolvedLab, fetch_resolved
+from tests.lab.resolvedlab import (
+    LINK_DNS,
+    STUB_RESOLV_CONF,
+    LabError,
+    PeerInNetns,
+    ResolvedLab,
+    fetch_resolved,
+)
 from tests.lab.tunnel import TunnelProcess
 
 pytestmark = pytest.mark.system
 
 TUNNEL = "127.0.0.153"
 UPSTREAM = SRV_IPS[1]  # the tunnel's upstream: TLS on 853
+NEW_DNS = "198.51.100.3"  # another server of the network's, handed out by a later lease
 PROGRAMS = ("ip", "NetworkManager", "nmcli", "dnsmasq", "dbus-daemon", "nsenter", "unshare",
             "apt-get", "dpkg", "dig", "getent")  # fmt: skip
 
@@ -61,10 +72,14 @@ class World:
 
 @contextlib.contextmanager
 def world_of(
-    root: Path, certs: Certs, tmp_path: Path, resolved_conf: str | None = None
+    root: Path,
+    certs: Certs,
+    tmp_path: Path,
+    resolved_conf: str | None = None,
+    nm_dns: Literal["systemd-resolved", "auto"] = "systemd-resolved",
 ) -> Iterator[World]:
     cert = certs.ca.issue(tmp_path, "upstream", ips=(UPSTREAM,))
-    with ResolvedLab(tmp_path / "lab", root, resolved_conf=resolved_conf) as lab:
+    with ResolvedLab(tmp_path / "lab", root, resolved_conf=resolved_conf, nm_dns=nm_dns) as lab:
         assert lab.nm.srv is not None and lab.nm.machine is not None
         srv = lab.nm.srv.name
         link_cfg = PeerConfig(host=LINK_DNS, dns_port=53, tls_port=None)
@@ -134,6 +149,8 @@ def test_every_query_goes_through_the_tunnel_and_restore_puts_resolved_back(worl
     assert snap.links()[w.ifindex] == ()  # the link keeps its domains, not its servers
     assert ("lab.test", False) in snap.domains[w.ifindex]
     assert lab.run(["cat", "/etc/resolv.conf"]).stdout.count("nameserver 127.0.0.53") == 1
+    # NetworkManager.conf says dns=systemd-resolved, which outranks /run: /etc it is too
+    assert set(lab.nm_dropins()) == {"run", "etc"}
 
     got = lookups(w, "on")
     assert set(got.values()) == {PEER_A}, got
@@ -144,8 +161,9 @@ def test_every_query_goes_through_the_tunnel_and_restore_puts_resolved_back(worl
     t0 = time.monotonic()
     said = lab.agent("restore").stdout
     restored = time.monotonic() - t0
-    assert "has its servers again" in said and "removed" in said
-    assert not lab.dropin.exists() and lab.journal() is None
+    assert "NetworkManager gave" in said and "removed" in said  # it feeds resolved again
+    assert not lab.dropin.exists() and lab.journal() is None and not lab.nm_dropins()
+    assert lab.resolv_conf_link() == STUB_RESOLV_CONF
     assert settings(lab.snapshot()) == settings(before)
     assert lab.query("after.example.org")
     assert "after.example.org." in w.link.names()  # back to the link's server: it works
@@ -164,18 +182,31 @@ def test_the_tunnel_killed_then_restore_from_a_fresh_process(world: World) -> No
     assert failed.returncode != 0  # no answer, and no leak either:
     assert w.link.seen() == []
     said = lab.agent("restore").stdout  # a fresh process, from the journal alone
-    assert "has its servers again" in said
-    assert settings(lab.snapshot()) == settings(before)
+    assert "NetworkManager gave" in said
+    assert settings(lab.snapshot()) == settings(before) and not lab.nm_dropins()
     assert lab.query("alive.example.org")
     assert "alive.example.org." in w.link.names()
 
 
-def test_stub_killed_half_way_then_restore(world: World) -> None:
-    """SIGKILL while apply is at work (the links emptied, the journal's entry not final)."""
+@pytest.mark.parametrize("when", ["nm-dropin-in-run", "links-emptied"])
+def test_stub_killed_half_way_then_restore(world: World, when: str) -> None:
+    """SIGKILL while apply is at work, the journal's entry not final: as soon as NM's drop-in
+    is in /run (resolved restarted, NM not yet reloaded, or checked), or once the links are
+    emptied (NM silenced with the drop-in in /etc too)."""
     w = world
     lab = w.lab
     before = lab.snapshot()
     assert lab.nm.machine is not None
+
+    def now() -> bool:
+        if when == "nm-dropin-in-run":
+            return "run" in lab.nm_dropins()
+        try:
+            snap = lab.snapshot()
+        except ResolvedStubError:
+            return False  # resolved is restarting
+        return snap.links().get(w.ifindex) == () and "etc" in lab.nm_dropins()
+
     stub = lab.nm.machine.start(
         [sys.executable, "-m", "agent", "-c", str(lab.config), "stub"],
         lab.dir / "logs/stub-killed.log",
@@ -183,49 +214,109 @@ def test_stub_killed_half_way_then_restore(world: World) -> None:
     try:
         end = time.monotonic() + 20
         while time.monotonic() < end and stub.alive():
-            try:
-                snap = lab.snapshot()
-            except ResolvedStubError:
-                continue  # resolved is restarting
-            if snap.links().get(w.ifindex) == () and lab.journal() is not None:
+            if now():
                 os.kill(stub.pid, signal.SIGKILL)
                 break
+            time.sleep(0.005)
         stub.popen.wait(5)
     finally:
         stub.stop()
     assert stub.popen.returncode == -signal.SIGKILL, "apply ended before it could be killed"
     journal = lab.journal()
     assert journal is not None and "nameservers" not in journal["entries"][0]  # type: ignore[index]
-    said = lab.agent("restore").stdout  # the link's servers: put back, unless NM was quicker
-    assert "removed" in said and "restarted" in said
+    assert lab.nm_dropins()
+    said = lab.agent("restore").stdout  # NM feeds the link again; put back if NM was slower
+    assert "removed" in said and "restarted" in said and "NetworkManager reloaded" in said
     assert settings(lab.snapshot()) == settings(before)
-    assert not lab.dropin.exists()
+    assert not lab.dropin.exists() and not lab.nm_dropins()
+    lab.query("fed-again.lab.test")  # the network's own server, as before
+    assert "fed-again.lab.test." in w.link.names()
 
 
-def test_a_restart_of_resolved_keeps_the_tunnel_but_nm_feeds_the_link_again(world: World) -> None:
-    """What survives a restart: the drop-in. NetworkManager sends the link's servers again
-    as soon as resolved is back: names in the network's domain reach the link's server until
-    the next `stub`, which empties the link again without restarting resolved."""
-    w = world
-    lab = w.lab
-    before = lab.snapshot()
-    lab.agent("stub")
-    starts = lab.starts()
-    lab.restart_resolved()
-    snap = lab._wait(lambda s: bool(s.links().get(w.ifindex)), "NM's servers again", 10)
-    assert snap.global_servers() == (Server(TUNNEL),)  # the drop-in survived
-    assert snap.links()[w.ifindex] == (Server(LINK_DNS),)  # NM fed the link again
-    assert lab.query("kept.example.org") and w.link.seen() == []  # the default route: tunnel
-    lab.query("fed.lab.test")
-    assert w.link.names() == ["fed.lab.test."] * len(w.link.names())  # the domain: the link
-    w.link.clear()
-    lab.agent("stub")  # again: idempotent
-    assert lab.starts() == starts + 1  # no restart for it: the drop-in was already read
-    assert lab.snapshot().links()[w.ifindex] == ()
-    lab.query("again.lab.test")
-    assert w.link.seen() == []
-    lab.agent("restore")
-    assert settings(lab.snapshot()) == settings(before)
+def stays_empty(w: World, seconds: float = 1.0) -> bool:
+    """The link has no servers in resolved now and for `seconds` (NM sends them at once when
+    it does: the renewal, its restart or resolved's restart is already over)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if w.lab.snapshot().links().get(w.ifindex) != ():
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("nm_dns", ["systemd-resolved", "auto"])
+def test_what_used_to_feed_the_link_again_no_longer_does(
+    resolved_root: Path, certs: Certs, tmp_path: Path, nm_dns: Literal["systemd-resolved", "auto"]
+) -> None:
+    """A lease with other servers, a restart of NetworkManager and one of resolved: each made
+    NM send the link's servers to resolved again, and names in the network's domain went to
+    them in cleartext until the next `stub`. With NM no longer feeding resolved, none does;
+    the search domain keeps working (the drop-in's Domains=), NM's own view follows the
+    network (the watcher's source), and restore lets NM feed resolved the servers of now.
+    NetworkManager.conf as the lab writes it (dns=systemd-resolved, explicit: the drop-in goes
+    to /etc too) and as a stock one (nothing said: /run suffices)."""
+    with world_of(resolved_root, certs, tmp_path, nm_dns=nm_dns) as w:
+        lab = w.lab
+        assert lab.nm.srv is not None
+        lab.nm.add_srv_address(NEW_DNS)
+        new_cfg = PeerConfig(host=NEW_DNS, dns_port=53, tls_port=None)
+        with PeerInNetns(lab.nm.srv.name, new_cfg) as new:
+            before = lab.snapshot()
+            lab.agent("stub")
+            assert set(lab.nm_dropins()) == ({"run"} if nm_dns == "auto" else {"run", "etc"})
+
+            def private(tag: str) -> None:
+                assert stays_empty(w), lab.snapshot().links()
+                got = lookups(w, tag)
+                assert set(got.values()) == {PEER_A}, got
+                assert w.link.seen() == [] and new.seen() == []  # the network's servers: nothing
+                assert wire_names(w.upstream.names(), tag) == set(got)
+                assert lab.snapshot().global_servers() == (Server(TUNNEL),)
+                assert lab.resolv_conf_link() == STUB_RESOLV_CONF  # NM wrote nothing there
+
+            private("applied")
+            lab.nm.set_dns([LINK_DNS, NEW_DNS])
+            lab.nm.renew()
+            lab.nm.wait_dns(NEW_DNS)  # NM has the new servers: the watcher sees them
+            private("renewed")
+            lab.restart_resolved()
+            private("resolved-restarted")
+            lab.nm.stop_nm()
+            lab.nm.start_nm()
+            private("nm-restarted")
+
+            said = lab.agent("restore").stdout
+            assert "NetworkManager gave" in said and not lab.nm_dropins()
+            now = lab.snapshot()
+            assert now.links()[w.ifindex] == (Server(LINK_DNS), Server(NEW_DNS))  # of now
+            assert (now.global_servers(), now.domains) == (before.global_servers(), before.domains)
+            assert lab.query("after.lab.test")
+            assert "after.lab.test." in w.link.names() + new.names()  # the network's: it works
+            assert lab.resolv_conf_link() == STUB_RESOLV_CONF
+
+
+def test_an_explicit_systemd_resolved_true_is_found_out(
+    resolved_root: Path, certs: Certs, tmp_path: Path
+) -> None:
+    """dns=none from /run wins (DnsManager.Mode says "none"), but systemd-resolved=true read
+    later from /etc keeps NM feeding resolved, which Mode does not show: asked to send its
+    configuration again, NM gives the emptied link its servers, so the drop-in goes to /etc
+    too (read after the administrator's 50-...)."""
+    with world_of(resolved_root, certs, tmp_path, nm_dns="auto") as w:
+        lab = w.lab
+        admin = lab.dir / "etc-nm/conf.d/50-admin.conf"
+        admin.write_text("[main]\nsystemd-resolved=true\n")
+        out = lab.agent("stub")
+        assert "kept sending the links' servers to systemd-resolved" in out.stderr
+        assert set(lab.nm_dropins()) == {"run", "etc"}
+        lab.nm.stop_nm()
+        lab.nm.start_nm()
+        assert stays_empty(w)
+        lab.query("admin.lab.test")
+        assert w.link.seen() == []
+        lab.agent("restore")
+        assert not lab.nm_dropins() and admin.exists()
+        assert lab.snapshot().links()[w.ifindex] == (Server(LINK_DNS),)
 
 
 def test_an_administrators_global_servers_are_set_aside_and_come_back(

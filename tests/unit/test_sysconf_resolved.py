@@ -1,21 +1,26 @@
-"""agent/sysconf/resolved.py: the pure part, and apply/revert against a fake resolved (with
-NetworkManager's habit of sending a link's servers again after resolved restarts), on a
-root prefix. The real resolved: tests/system/test_stub_resolved.py."""
+"""agent/sysconf/resolved.py: the pure part, and apply/revert against a fake resolved fed by
+a fake NetworkManager (which sends the links' servers again after resolved restarts, on a
+reload and on a new lease, unless our drop-in stops it), on a root prefix. The real
+resolved and NetworkManager: tests/system/test_stub_resolved.py."""
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from agent import sysconf
+from agent.sysconf import networkmanager as nmb
 from agent.sysconf import resolved
+from agent.sysconf.networkmanager import DnsState, NMStubError
 from agent.sysconf.resolved import (
     DROPIN,
     DROPIN_DIR,
+    NM_DROPIN,
     ResolvedBackend,
     ResolvedStubError,
     Server,
@@ -30,8 +35,9 @@ LINK_DNS = [Server("198.51.100.1"), Server("2001:db8::1", 53, "dns.test")]
 
 class FakeResolved:
     """resolved as the backend sees it. Global servers come from `config` unless our drop-in
-    names others (read at restart, as resolved 252 does); links are fed by "NM", which sends
-    them again `nm_lag` snapshots after each restart."""
+    names others (read at restart, as resolved 252 does); links are fed by "NM" (`nm`, the
+    servers it has per link) while `feeding()` says so: it sends them again `nm_lag`
+    snapshots after each restart."""
 
     def __init__(
         self,
@@ -54,6 +60,12 @@ class FakeResolved:
         self.restarts = 0
         self.set_calls: list[tuple[int, list[Server]]] = []
         self.global_servers = self._read_config()
+        self.feeding: Callable[[], bool] = lambda: True
+
+    def nm_sends(self) -> None:
+        """NM sends every link's servers (a reload, a new lease), if it feeds resolved."""
+        if self.up and self.feeding():
+            self.links.update({i: list(s) for i, s in self.nm.items()})
 
     where = "a fake bus"
 
@@ -88,7 +100,7 @@ class FakeResolved:
     def restart(self) -> None:
         self.restarts += 1
         self.global_servers = self._read_config()
-        self.pending = self.nm_lag
+        self.pending = self.nm_lag if self.feeding() else None
 
     def reboot(self) -> None:
         """/run starts empty: no drop-in, links as NM feeds them, the configured globals."""
@@ -96,6 +108,67 @@ class FakeResolved:
         self.links = {i: list(s) for i, s in self.nm.items()}
         self.global_servers = list(self.config)
         self.pending = None
+
+
+@dataclass
+class FakeNM:
+    """NetworkManager as the backend sees it: it stops feeding `resolved` once our drop-in is
+    in one of the `obeyed` directories (an explicit dns= read later makes /run's lose); in
+    `half_obeyed` ones only dns=none wins (systemd-resolved=true is read later)."""
+
+    root: Path
+    resolved: FakeResolved
+    running: bool = True
+    obeyed: tuple[str, ...] = ("run", "etc")
+    half_obeyed: tuple[str, ...] = ()
+    reloads: list[int] = field(default_factory=list)
+    buses: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.resolved.feeding = self.feeds
+
+    def connect(self, bus: str | None) -> FakeNM:
+        self.buses.append(bus)
+        return self
+
+    def _ours_in(self) -> set[str]:
+        return {
+            where
+            for where, d in nmb.DROPIN_DIRS.items()
+            if (self.root / d / NM_DROPIN).exists()
+            and resolved.NM_HEADER in (self.root / d / NM_DROPIN).read_text()
+        }
+
+    def feeds(self) -> bool:
+        """Not on the bus: someone else (systemd-networkd) feeds resolved, or NM once it
+        starts, unless it then reads our drop-in."""
+        return not self._ours_in() & set(self.obeyed)
+
+    def state(self) -> DnsState | None:
+        if not self.running:
+            return None
+        if self._ours_in() & {*self.obeyed, *self.half_obeyed}:
+            return DnsState("none", "unmanaged")
+        return DnsState("systemd-resolved", "unmanaged")
+
+    def reload(self, flags: int) -> None:
+        if not self.running:
+            raise NMStubError("not on the bus")
+        self.reloads.append(flags)
+        self.resolved.nm_sends()
+
+    def dns_interfaces(self) -> set[str]:
+        fake = self.resolved
+        return {fake.ifnames[i] for i, s in fake.nm.items() if s} if self.running else set()
+
+    def restart(self) -> None:
+        """NM stops and starts: it reads its configuration and sends every link's servers."""
+        self.resolved.nm_sends()
+
+
+@pytest.fixture(autouse=True)
+def no_settling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nmb, "SETTLE", 0.0)  # how long NM's Mode may take to say "none"
 
 
 @pytest.fixture
@@ -112,12 +185,18 @@ class World:
         self.root = root
         self.state = state
         self.fake = fake
+        self.nm = FakeNM(root, fake, running=False)  # not on the bus: as before NM mattered
         self.boot = "boot-1"
 
     def backend(self) -> ResolvedBackend:
-        """A fresh backend, as a fresh process would make (the fake is the system)."""
+        """A fresh backend, as a fresh process would make (the fakes are the system)."""
         return ResolvedBackend(
-            self.root, control=self.fake, boot_id=lambda: self.boot, quiet=0.05, settle=2
+            self.root,
+            control=self.fake,
+            nm=self.nm.connect,
+            boot_id=lambda: self.boot,
+            quiet=0.05,
+            settle=2,
         )
 
     def apply(self) -> str:
@@ -130,6 +209,9 @@ class World:
     @property
     def dropin(self) -> Path:
         return self.root / DROPIN_DIR / DROPIN
+
+    def nm_dropin(self, where: str) -> Path:
+        return self.root / nmb.DROPIN_DIRS[where] / NM_DROPIN
 
 
 @pytest.fixture
@@ -403,3 +485,173 @@ def test_choose_prefers_resolved_when_it_is_the_stub(
     (root / "etc" / "resolv.conf").unlink()
     (root / "etc" / "resolv.conf").write_text("nameserver 198.51.100.1\n")
     assert not sysconf.backends(root)["resolved"].detect()
+
+
+# -- with NetworkManager feeding resolved -----------------------------------------------------
+@pytest.fixture
+def nm_world(world: World) -> World:
+    world.nm.running = True
+    return world
+
+
+def test_render_nm_dropin_stops_both_ways_nm_feeds_resolved() -> None:
+    text = resolved.render_nm_dropin()
+    body = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert body == ["[main]", "dns=none", "systemd-resolved=false"]
+    assert text.startswith(resolved.NM_HEADER)
+    assert not nmb.is_ours(text) and not resolved.is_ours(text)  # nobody else's file
+
+
+def test_nm_stops_feeding_resolved_and_restore_lets_it_again(
+    nm_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w, fake, nm = nm_world, nm_world.fake, nm_world.nm
+    w.apply()
+    assert w.nm_dropin("run").read_text() == resolved.render_nm_dropin()
+    assert oct(w.nm_dropin("run").stat().st_mode & 0o777) == "0o644"
+    assert not w.nm_dropin("etc").exists()  # /run sufficed: nothing survives a reboot
+    # loaded (DNS set up anew: systemd-resolved= alone needs it), then asked to send again
+    assert nm.reloads[:2] == [nmb.RELOAD_CONF | nmb.RELOAD_DNS_FULL, nmb.RELOAD_DNS_RC]
+    assert fake.links == {LINK: [], OTHER: []}
+    entry = sysconf.Journal(w.state).load()
+    assert entry is not None
+    (journalled,) = entry["entries"]
+    assert journalled["nm_dropins"]["run"]["absent"] and journalled["nm_dropins"]["etc"]["absent"]
+    assert journalled["nm_used"] == [str(w.nm_dropin("run"))]
+
+    # what brought the links' servers back before: a new lease, NM and resolved restarting
+    fake.nm[LINK] = [Server("198.51.100.50")]
+    fake.nm_sends()
+    nm.restart()
+    fake.restart()
+    for _ in range(5):
+        fake.snapshot()
+    assert fake.links == {LINK: [], OTHER: []}
+
+    calls = len(fake.set_calls)
+    said = w.restore(monkeypatch)
+    assert f"{w.nm_dropin('run')} removed" in said and "NetworkManager reloaded" in said
+    assert "NetworkManager gave eth1, wlan0 its servers" in said
+    assert nm.reloads[-1] == resolved.NM_RELOAD
+    assert fake.links == {LINK: [Server("198.51.100.50")], OTHER: [Server("203.0.113.7")]}
+    assert len(fake.set_calls) == calls  # NM's servers of now, not the recorded ones
+    assert not w.nm_dropin("run").exists() and not w.dropin.exists()
+    assert fake.global_servers == [Server("192.0.2.53")]
+
+
+def test_an_explicit_dns_setting_sends_the_nm_dropin_to_etc(
+    nm_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = nm_world
+    w.nm.obeyed = ("etc",)  # dns=systemd-resolved in NetworkManager.conf outranks /run
+    w.apply()
+    assert w.nm_dropin("run").exists() and w.nm_dropin("etc").exists()
+    w.fake.nm_sends()
+    assert w.fake.links[LINK] == []
+    w.restore(monkeypatch)
+    assert not w.nm_dropin("run").exists() and not w.nm_dropin("etc").exists()
+    assert w.fake.links[LINK] == LINK_DNS
+
+
+def test_systemd_resolved_true_read_later_is_found_out(nm_world: World) -> None:
+    """dns=none wins from /run (Mode says "none") but an explicit systemd-resolved=true read
+    later keeps NM feeding resolved: asked to send its configuration again, it does."""
+    w = nm_world
+    w.nm.obeyed, w.nm.half_obeyed = ("etc",), ("run",)
+    w.apply()
+    assert w.nm_dropin("etc").exists()
+    w.fake.nm_sends()
+    assert w.fake.links[LINK] == []
+
+
+def test_an_nm_that_will_not_stop_is_warned_about_and_left_as_it_was(
+    nm_world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = nm_world
+    w.nm.obeyed = ()
+    with caplog.at_level(logging.WARNING, logger="agent.sysconf.resolved"):
+        w.apply()
+    assert "until `dnstls-agent stub` runs again" in caplog.text
+    assert not w.nm_dropin("run").exists() and not w.nm_dropin("etc").exists()
+    assert w.nm.reloads[-1] == resolved.NM_RELOAD  # NM re-read its configuration without ours
+    assert w.fake.links == {LINK: [], OTHER: []}  # emptied all the same, as before
+    entry = sysconf.Journal(w.state).load()
+    assert entry is not None and entry["entries"][0]["nm_used"] == []
+    said = w.restore(monkeypatch)
+    assert "wlan0 has its servers again" in said
+    assert w.fake.links[LINK] == LINK_DNS
+
+
+def test_killed_half_way_with_nm_silenced(nm_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = nm_world
+    backend = w.backend()
+    sysconf.Journal(w.state).save(backend.name, [backend.record()])
+    backend.apply(TUNNEL, backend.record())  # ...and the process died before saving its entry
+    assert w.nm_dropin("run").exists() and w.fake.links[LINK] == []
+    said = w.restore(monkeypatch)  # a fresh process, from the journal alone
+    assert "removed" in said and "NetworkManager reloaded" in said
+    assert not w.nm_dropin("run").exists()
+    assert w.fake.links == {LINK: LINK_DNS, OTHER: [Server("203.0.113.7")]}
+    w.fake.nm_sends()  # NM feeds resolved again
+    assert w.fake.links[LINK] == LINK_DNS
+
+
+def test_restore_with_nm_away_leaves_it_to_read_the_change_when_it_starts(
+    nm_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = nm_world
+    w.apply()
+    w.nm.running = False
+    said = w.restore(monkeypatch)
+    assert "NetworkManager is not running: it reads the change when it starts" in said
+    assert "wlan0 has its servers again" in said  # the recorded ones, meanwhile
+    assert not w.nm_dropin("run").exists()
+    w.nm.running = True
+    w.nm.restart()
+    assert w.fake.links[LINK] == LINK_DNS
+
+
+def test_restore_at_shutdown_still_lets_nm_feed_resolved(
+    nm_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = nm_world
+    w.apply()
+
+    def stopping() -> None:
+        raise resolved.ShuttingDown("systemd is stopping the system")
+
+    monkeypatch.setattr(w.fake, "restart", stopping)
+    said = w.restore(monkeypatch)
+    assert "not restarted" in said and "NetworkManager reloaded" in said
+    assert not w.nm_dropin("run").exists() and w.fake.links[LINK] == LINK_DNS
+
+
+def test_an_nm_dropin_left_in_etc_across_a_reboot_is_removed(
+    nm_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/etc's drop-in survives a reboot (/run's does not): the next apply, in the new boot,
+    must not take it for someone else's, and restore removes it."""
+    w = nm_world
+    w.nm.obeyed = ("etc",)
+    w.apply()
+    w.fake.reboot()
+    w.nm_dropin("run").unlink()  # a tmpfs
+    w.boot = "boot-2"
+    w.apply()
+    entry = sysconf.Journal(w.state).load()
+    assert entry is not None and entry["entries"][0]["nm_dropins"]["etc"]["absent"]
+    said = w.restore(monkeypatch)
+    assert f"{w.nm_dropin('etc')} removed" in said
+    assert not w.nm_dropin("etc").exists() and not w.nm_dropin("run").exists()
+
+
+def test_someone_elses_nm_file_of_that_name_is_kept(
+    nm_world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    theirs = "[main]\ndns=systemd-resolved\n"
+    w = nm_world
+    w.nm_dropin("etc").parent.mkdir(parents=True)
+    w.nm_dropin("etc").write_text(theirs)
+    w.apply()  # /run's is obeyed
+    w.restore(monkeypatch)
+    assert w.nm_dropin("etc").read_text() == theirs
