@@ -57,8 +57,6 @@ asyncio.run, in a worker thread with a loop of its own when the caller already r
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -68,13 +66,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType, MessageType
-from dbus_next.errors import AuthError, InvalidAddressError, InvalidMessageError
-from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from agent.errors import AgentError
+from agent.sysconf import dbus
 from agent.sysconf.journal import write_atomic
 from agent.sysconf.resolvconf_file import ResolvConfFile
 
@@ -148,23 +143,6 @@ class NMControl(Protocol):
         """NetworkManager.Reload(flags)."""
 
 
-def blocking(make: Callable[[], Awaitable[T]], timeout: float = TIMEOUT) -> T:
-    """Run a coroutine to its end from synchronous code: directly from the CLI, in a worker
-    thread with a loop of its own when called inside a running loop (asyncio.run cannot
-    nest). The caller's loop then waits: at most `timeout`, once at start and at stop."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await make()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(bounded())
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sysconf-dbus") as pool:
-        return pool.submit(lambda: asyncio.run(bounded())).result()
-
-
 class DBusNM:
     """NMControl over D-Bus (dbus-next); one short connection per question."""
 
@@ -210,29 +188,9 @@ class DBusNM:
         return self._talk(ask)
 
     def _talk(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        async def conversation() -> T:
-            bus: Any  # dbus-next 0.2.3 is partly annotated
-            if self.bus_address:
-                bus = MessageBus(bus_address=self.bus_address)
-            else:
-                bus = MessageBus(bus_type=BusType.SYSTEM)
-            await bus.connect()
-            try:
-                return await work(bus)
-            finally:
-                bus.disconnect()
-
-        try:
-            return blocking(conversation)
-        except (
-            OSError,
-            EOFError,
-            TimeoutError,
-            AuthError,
-            InvalidAddressError,
-            InvalidMessageError,
-        ) as exc:
-            raise NMStubError(f"NetworkManager on {self.where}: {exc!r}") from exc
+        return dbus.talk(
+            self.bus_address, work, error=NMStubError, where=f"NetworkManager on {self.where}"
+        )
 
 
 async def _call(
@@ -244,21 +202,7 @@ async def _call(
     body: list[Any] | None = None,
     dest: str = DBUS,
 ) -> list[Any]:
-    reply = await bus.call(
-        Message(
-            destination=dest,
-            path=path,
-            interface=iface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
-    )
-    if reply is None:
-        raise NMStubError(f"{iface}.{member} on {path}: no reply")
-    if reply.message_type == MessageType.ERROR:
-        raise NMStubError(f"{iface}.{member} on {path}: {reply.error_name} {reply.body}")
-    return list(reply.body)
+    return await dbus.call(bus, path, iface, member, signature, body, dest=dest, error=NMStubError)
 
 
 async def _get(bus: Any, path: str, iface: str, prop: str) -> Any:

@@ -90,8 +90,6 @@ asyncio.run in a worker thread (the daemon, run as root, calls this from inside 
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import ipaddress
 import logging
 import os
@@ -103,13 +101,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType, MessageType
-from dbus_next.errors import AuthError, InvalidAddressError, InvalidMessageError
-from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from agent.errors import AgentError
+from agent.sysconf import dbus
 from agent.sysconf.journal import write_atomic
 from agent.sysconf.networkmanager import (
     RELOAD_CONF,
@@ -361,18 +356,6 @@ class NMFeeder(Protocol):
         """The interfaces NM has DNS servers for (DnsManager.Configuration)."""
 
 
-def blocking(make: Callable[[], Awaitable[T]], timeout: float = TIMEOUT) -> T:
-    """Run a coroutine to its end in a worker thread with a loop of its own (the caller may
-    be inside a running loop: asyncio.run cannot nest); the caller waits at most `timeout`."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await make()
-
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="resolved-dbus") as pool:
-        return pool.submit(asyncio.run, bounded()).result()
-
-
 class DBusResolved:
     """ResolvedControl over D-Bus (dbus-next); one short connection per question."""
 
@@ -454,29 +437,9 @@ class DBusResolved:
         self._talk(ask)
 
     def _talk(self, work: Callable[[Any], Awaitable[T]]) -> T:
-        async def conversation() -> T:
-            bus: Any  # dbus-next 0.2.3 is partly annotated
-            if self.bus_address:
-                bus = MessageBus(bus_address=self.bus_address)
-            else:
-                bus = MessageBus(bus_type=BusType.SYSTEM)
-            await bus.connect()
-            try:
-                return await work(bus)
-            finally:
-                bus.disconnect()
-
-        try:
-            return blocking(conversation)
-        except (
-            OSError,
-            EOFError,
-            TimeoutError,
-            AuthError,
-            InvalidAddressError,
-            InvalidMessageError,
-        ) as exc:
-            raise ResolvedStubError(f"D-Bus on {self.where}: {exc!r}") from exc
+        return dbus.talk(
+            self.bus_address, work, error=ResolvedStubError, where=f"D-Bus on {self.where}"
+        )
 
 
 def _ifname(ifindex: int) -> str:
@@ -495,22 +458,9 @@ async def _call(
     body: list[Any] | None = None,
     dest: str = RESOLVE1,
 ) -> list[Any]:
-    reply = await bus.call(
-        Message(
-            destination=dest,
-            path=path,
-            interface=iface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
+    return await dbus.call(
+        bus, path, iface, member, signature, body, dest=dest, error=ResolvedStubError
     )
-    if reply is None:
-        raise ResolvedStubError(f"{iface}.{member} on {path}: no reply")
-    if reply.message_type == MessageType.ERROR:
-        detail = reply.body[0] if reply.body else ""
-        raise ResolvedStubError(f"{dest} {member}: {reply.error_name}: {detail}")
-    return list(reply.body)
 
 
 async def _get(

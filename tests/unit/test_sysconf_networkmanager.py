@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent import sysconf
+from agent.sysconf import dbus
 from agent.sysconf import networkmanager as nmb
 from agent.sysconf.networkmanager import DnsState, NetworkManagerBackend, NMStubError
 
@@ -214,9 +215,9 @@ def test_blocking_works_inside_a_running_loop() -> None:
         return 42
 
     async def daemon_like() -> int:
-        return nmb.blocking(answer)  # sync code called from inside the loop
+        return dbus.blocking(answer)  # sync code called from inside the loop
 
-    assert nmb.blocking(answer) == 42
+    assert dbus.blocking(answer) == 42
     assert asyncio.run(daemon_like()) == 42
 
 
