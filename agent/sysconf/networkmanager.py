@@ -68,8 +68,8 @@ from typing import Any, Protocol, TypeVar
 
 from dbus_next.signature import Variant
 
+from agent import dbus
 from agent.errors import AgentError
-from agent.sysconf import dbus
 from agent.sysconf.journal import write_atomic
 from agent.sysconf.resolvconf_file import ResolvConfFile
 

@@ -21,6 +21,8 @@ from dbus_next.constants import BusType, MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from agent import dbus
+from agent.errors import AgentError
 from agent.model import Link, NetResolver, Source
 
 LOG = logging.getLogger(__name__)
@@ -91,20 +93,9 @@ class NMWatcher:
         dest: str = NM,
     ) -> list[Any]:
         assert self.bus is not None
-        msg = Message(
-            destination=dest,
-            path=path,
-            interface=iface,
-            member=member,
-            signature=signature,
-            body=body or [],
+        return await dbus.call(
+            self.bus, path, iface, member, signature, body, dest=dest, error=NMError
         )
-        reply = await self.bus.call(msg)
-        if reply is None:
-            raise NMError(f"{iface}.{member} on {path}: no reply")
-        if reply.message_type == MessageType.ERROR:
-            raise NMError(f"{iface}.{member} on {path}: {reply.error_name} {reply.body}")
-        return list(reply.body)
 
     async def _get(self, path: str, iface: str, prop: str) -> Any:
         return unwrap((await self._call(path, PROPS, "Get", "ss", [iface, prop]))[0])
@@ -242,7 +233,7 @@ class NMWatcher:
         raise EOFError("the bus connection closed")
 
 
-class NMError(Exception):
+class NMError(AgentError):
     """A D-Bus call to NetworkManager failed."""
 
 

@@ -4,13 +4,11 @@ has not - the only mock here, and it records what a desktop would have shown."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import importlib.util
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from agent.control import ControlServer
 from agent.notifications import DesktopNotifier
 from tests.conftest import missing, require_program, run
+from tests.lab.control import serving
 from tests.lab.netns import REPO
 from tests.lab.proc import Process
 
@@ -90,25 +88,11 @@ def test_relay_command_shows_the_agents_new_warnings(
 ) -> None:
     address, log = session
     text = "captive portal on wlan0: no DNS"
-    ready, stop = threading.Event(), threading.Event()
 
     def handler(request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "status": {"warnings": [{"alert": "portal-blocked", "text": text}]}}
 
-    def serve() -> None:
-        async def main() -> None:
-            server = ControlServer(tmp_path / "control.sock", handler)
-            await server.start()
-            ready.set()
-            await asyncio.to_thread(stop.wait)
-            await server.close()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(5)
-    try:
+    with serving(tmp_path / "control.sock", handler):
         env = {**os.environ, "PYTHONPATH": str(REPO), "DBUS_SESSION_BUS_ADDRESS": address}
         sock = str(tmp_path / "control.sock")
         argv = [sys.executable, "-m", "agent", "notifications", "--once", "--socket", sock]
@@ -118,6 +102,3 @@ def test_relay_command_shows_the_agents_new_warnings(
         while text not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "Captive portal: DNS blocked" in log.read_text() and text in log.read_text()
-    finally:
-        stop.set()
-        thread.join(5)

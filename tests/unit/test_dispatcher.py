@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.control import ControlServer
 from tests.conftest import require_program
+from tests.lab.control import serving
 from tests.lab.netns import REPO
 
 HOOK = REPO / "dispatcher.d" / "90-dnstls-agent"
@@ -40,35 +38,17 @@ def run_hook(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], f
 def test_hook_pokes_a_running_agent(tmp_path: Path) -> None:
     require_program("timeout")
     got: list[dict[str, Any]] = []
-    ready = threading.Event()
-    stop = threading.Event()
 
     def handler(request: dict[str, Any]) -> dict[str, Any]:
         got.append(request)
         return {"ok": True}
 
-    def serve() -> None:
-        async def main() -> None:
-            server = ControlServer(tmp_path / "control.sock", handler)
-            await server.start()
-            ready.set()
-            await asyncio.to_thread(stop.wait)
-            await server.close()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(5)
-    try:
+    with serving(tmp_path / "control.sock", handler):
         proc, _ = run_hook(tmp_path, "eth0", "dhcp4-change")
         assert proc.returncode == 0, proc.stderr
         assert got == [{"command": "notify", "interface": "eth0", "action": "dhcp4-change"}]
         proc, _ = run_hook(tmp_path, "eth0", "pre-up")  # not an event the agent needs
         assert proc.returncode == 0 and len(got) == 1
-    finally:
-        stop.set()
-        thread.join(5)
 
 
 def test_hook_never_fails_without_the_agent(tmp_path: Path) -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import sysconf
-from agent.sysconf import dbus
+from agent import dbus, sysconf
 from agent.sysconf import networkmanager as nmb
 from agent.sysconf.networkmanager import DnsState, NetworkManagerBackend, NMStubError
 

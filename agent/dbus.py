@@ -1,4 +1,5 @@
-"""D-Bus for the stub backends: short synchronous conversations on the system bus.
+"""D-Bus as the agent uses it: method calls with checked replies (`call`), and short
+synchronous conversations on the system bus for the stub backends (`talk`).
 
 The backends are called from the CLI (no event loop) and from the daemon (inside its
 loop), so a conversation runs to its end either directly or in a worker thread with a
