@@ -22,6 +22,7 @@ from agent.errors import AgentError, UsageError
 from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile, UpstreamSpec
 from agent.notifications import DesktopNotifier
 from agent.probe import probe_many
+from agent.sysconf import request
 from agent.tls import parse_pin
 from agent.tunnel import Tunnel, TunnelConfig
 from agent.tunnel.forwarder import DEFAULT_LISTEN
@@ -266,10 +267,20 @@ def _add_daemon(sub: Sub) -> None:
         help="point the system's stub resolver at the tunnel (the unit runs this as root)",
         description="Points the system's stub resolver at the tunnel's first listen address, "
         "with the backend of the configuration's stub_backend (auto: detected). The change is "
-        "journalled first; `dnstls-agent restore` undoes it. `--show` only says which backend "
-        "would be used and what is journalled.",
+        "journalled first; `dnstls-agent restore` undoes it. The search domains are the "
+        "network's, as the running daemon last asked (its runtime directory's "
+        "stub-request.json). `--refresh` applies that request again, only when the stub is "
+        "pointed (the path unit dnstls-agent-stub.path runs it as root). `--show` only says "
+        "which backend would be used and what is journalled.",
     )
-    st.add_argument("--show", action="store_true", help="change nothing; say what would be done")
+    how = st.add_mutually_exclusive_group()
+    how.add_argument("--show", action="store_true", help="change nothing; say what would be done")
+    how.add_argument(
+        "--refresh",
+        action="store_true",
+        help="apply the daemon's request again (search domains; a resolv.conf rewritten by "
+        "someone else); nothing when the stub is not pointed",
+    )
     st.set_defaults(func=cmd_stub)
     for name, text in (
         ("status", "show what the running agent knows and does"),
@@ -385,7 +396,19 @@ def cmd_stub(args: argparse.Namespace) -> int:
     if not cfg.manage_stub:
         print("manage_stub = false: the system stub is left alone")
         return EXIT_OK
-    print(sysconf.apply(Path(cfg.state_dir), backend, [address]))
+    runtime = Path(cfg.runtime_dir)
+    if args.refresh:
+        asked = request.read(runtime)  # unusable: RequestError, nothing changed
+        search = asked.search if asked is not None else None
+        print(sysconf.refresh(Path(cfg.state_dir), [address], search, nm_bus=cfg.nm_bus or None))
+        return EXIT_OK
+    try:
+        asked = request.read(runtime)
+    except request.RequestError as exc:
+        LOG.warning("%s: the network's search domains as the backend finds them", exc)
+        asked = None
+    search = asked.search if asked is not None else None
+    print(sysconf.apply(Path(cfg.state_dir), backend, [address], search))
     return EXIT_OK
 
 
@@ -468,6 +491,11 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"captive portal exception (cleartext DNS for the login) until {until}")
     for domain, ups in st.get("routes", {}).items():
         lines.append(f"  {domain} -> {', '.join(ups)}")
+    if st.get("search") is not None:
+        lines.append("search domains: " + (" ".join(st["search"]) or "none"))
+    stub = st.get("stub") or {}
+    if stub.get("error"):
+        lines.append(f"WARNING system stub: the last refresh failed: {stub['error']}")
     for link in st.get("interfaces", []):
         state = "up" if link["up"] else "down"
         lines.append(f"{link['interface']} ({state}, {link['profile']}, {link['network']})")

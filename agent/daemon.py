@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from agent.model import Profile
 from agent.notifications import DesktopNotifier
 from agent.policy import Warning
 from agent.state import Store
+from agent.sysconf import request
+from agent.sysconf.watch import ResolvConfWatch
 from agent.tunnel import Tunnel, TunnelConfig
 from agent.watchers.leases import LeaseWatcher
 from agent.watchers.netlink import NetlinkWatcher
@@ -47,6 +50,9 @@ class Daemon:
         self.stub_applied = False
         self.notifier = DesktopNotifier()
         self._notes: set[asyncio.Task[bool]] = set()
+        self.stub: dict[str, Any] = {"asked": None, "refreshed": None, "error": None}
+        self._refreshing: asyncio.Task[None] | None = None
+        self._refresh_again = False
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -66,6 +72,7 @@ class Daemon:
             store,
             own_addresses={h for h, _ in cfg.listen},
             on_warnings=self._on_warnings,
+            on_search=self._on_search,
         )
         self.engine = engine
         self.control = ControlServer(Path(cfg.runtime_dir) / SOCKET_NAME, self.handle)
@@ -86,6 +93,9 @@ class Daemon:
             sdnotify.notify("READY=1")
             LOG.info("ready: %s", engine.plan.reason if engine.plan else "")
             self._spawn(self._status_loop(), "status")
+            if cfg.manage_stub:
+                watch = ResolvConfWatch(Path("/etc/resolv.conf"), {h for h, _ in cfg.listen})
+                self._spawn(watch.run(self._ask_refresh), "resolv.conf watch")
             await self.stopping.wait()
         finally:
             await self.stop()
@@ -97,6 +107,59 @@ class Daemon:
             self._notes.add(task)
             task.add_done_callback(self._notes.discard)
 
+    # -- the system stub: pointed at start, refreshed when the network or a file changes ------
+    def _on_search(self, search: tuple[str, ...]) -> None:
+        self._ask_refresh("search domains " + (" ".join(search) or "none"))
+
+    def _ask_refresh(self, reason: str) -> None:
+        """Tell root (the path unit's `stub --refresh`) through the request file; run as root,
+        refresh here. Asked while a refresh runs: once more when it ends."""
+        if not self.cfg.manage_stub:
+            return
+        search = self._search()
+        try:
+            request.write(Path(self.cfg.runtime_dir), search, reason)
+        except OSError as exc:
+            LOG.warning("could not ask for a refresh of the system stub: %s", exc)
+        self.stub["asked"] = {"reason": reason, "search": list(search), "at": time.time()}
+        LOG.info("system stub refresh asked for: %s", reason)
+        if not self.stub_applied:
+            return  # not ours to do (the unit's path unit does it as root), or not pointed
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refresh_again = True
+            return
+        self._refreshing = asyncio.create_task(self._refresh(), name="stub refresh")
+
+    def _search(self) -> tuple[str, ...]:
+        """The engine's search domains that root will accept (request.domain)."""
+        out: list[str] = []
+        for d in (self.engine.search if self.engine else None) or ():
+            try:
+                out.append(request.domain(d))
+            except ValueError as exc:
+                LOG.warning("search domain left out of the system stub: %s", exc)
+        return tuple(dict.fromkeys(out))[: request.MAX_DOMAINS]
+
+    async def _refresh(self) -> None:
+        while True:
+            self._refresh_again = False
+            try:
+                said = await asyncio.to_thread(
+                    sysconf.refresh,
+                    Path(self.cfg.state_dir),
+                    [self.cfg.listen[0][0]],
+                    self._search(),
+                    nm_bus=self.cfg.nm_bus or None,
+                )
+            except (OSError, AgentError) as exc:
+                self.stub["error"] = str(exc)
+                LOG.error("could not refresh the system stub: %s", exc)
+            else:
+                self.stub.update(refreshed=time.time(), error=None)
+                LOG.info("%s", said)
+            if not self._refresh_again or self.stopping.is_set():
+                return
+
     def _point_stub(self) -> None:
         """As root (run by hand), the daemon points the stub itself and puts it back at
         stop. Under the systemd unit it runs unprivileged: ExecStartPost=+ and
@@ -105,10 +168,12 @@ class Daemon:
             return
         try:
             backend = sysconf.choose(self.cfg.stub_backend, nm_bus=self.cfg.nm_bus or None)
-            LOG.info(
-                "%s", sysconf.apply(Path(self.cfg.state_dir), backend, [self.cfg.listen[0][0]])
+            said = sysconf.apply(
+                Path(self.cfg.state_dir), backend, [self.cfg.listen[0][0]], self._search()
             )
+            LOG.info("%s", said)
             self.stub_applied = True
+            self.stub["refreshed"] = time.time()
         except (OSError, AgentError) as exc:
             LOG.error("could not point the system stub at the tunnel: %s", exc)
 
@@ -178,7 +243,7 @@ class Daemon:
         assert engine is not None
         command = request.get("command")
         if command == "status":
-            return {"ok": True, "status": engine.status()}
+            return {"ok": True, "status": {**engine.status(), "stub": self.stub}}
         if command == "notify":
             iface, action = str(request.get("interface", "")), str(request.get("action", ""))
             engine.poke(f"dispatcher: {iface} {action}")
@@ -202,6 +267,8 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
         self.notifier.close()
+        if self._refreshing is not None:
+            await asyncio.gather(self._refreshing, return_exceptions=True)
         self._restore_stub()  # before the tunnel goes: never a stub pointing at nothing
         if self.tunnel is not None:
             await self.tunnel.stop()

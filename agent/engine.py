@@ -19,7 +19,15 @@ from typing import Any, Protocol
 from agent.config import Config
 from agent.errors import UsageError
 from agent.model import Link, ProbeResult, ProbeSettings, Profile, Source, UpstreamSpec
-from agent.policy import Plan, ProbeRequest, Warning, decide, learn, settings_for
+from agent.policy import (
+    Plan,
+    ProbeRequest,
+    Warning,
+    decide,
+    learn,
+    search_domains,
+    settings_for,
+)
 from agent.probe import probe
 from agent.state import State, Store
 from agent.watchers.nm import NMSnapshot
@@ -93,6 +101,7 @@ class Engine:
         prober: Prober = probe,
         clock: Callable[[], float] = time.time,
         on_warnings: Callable[[list[Warning], list[Warning]], None] | None = None,
+        on_search: Callable[[tuple[str, ...]], None] | None = None,
     ) -> None:
         self.config = config
         self.tunnel = tunnel
@@ -102,6 +111,8 @@ class Engine:
         self.prober = prober
         self.clock = clock
         self.on_warnings = on_warnings
+        self.on_search = on_search
+        self.search: tuple[str, ...] | None = None  # the network's search domains, last seen
         self.links = LinkTable()
         self.connectivity = "unknown"
         self.portal_until = 0.0  # the end of a user-allowed captive-portal exception
@@ -214,6 +225,12 @@ class Engine:
         for req in plan.probes:
             self._start_probe(req)
         self._warn(list(plan.warnings))
+        search = search_domains(links)
+        if search != self.search:
+            self.search = search
+            LOG.info("search domains: %s", " ".join(search) or "none")
+            if self.on_search is not None:
+                self.on_search(search)
         if self._save_due:
             self.save()
         self.ready.set()
@@ -330,6 +347,7 @@ class Engine:
             else {},
             "connectivity": self.connectivity,
             "portal_until": self.portal_until or None,
+            "search": list(self.search or ()),
             "warnings": [
                 {"alert": w.alert.value, "interface": w.ifname, "text": w.text}
                 for w in self.warnings

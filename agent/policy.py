@@ -160,6 +160,18 @@ def _link_rank(link: Link) -> tuple[int, int, int, str]:
     return (link.priority, 0 if link.default_route else 1, 0 if link.vpn else 1, link.ifname)
 
 
+def search_domains(links: Iterable[Link]) -> tuple[str, ...]:
+    """The search list the system stub should carry: the up links' domains, in the order
+    their resolvers are preferred, each once (routing-only `~domain`s are not searched)."""
+    out: dict[str, None] = {}
+    for link in sorted((x for x in links if x.up), key=_link_rank):
+        for d in link.domains:
+            name = d.strip().rstrip(".").lower()
+            if name and not name.startswith("~"):
+                out.setdefault(name)
+    return tuple(out)
+
+
 def _resolvers(link: Link, s: LinkSettings, own: Collection[str]) -> list[NetResolver]:
     out: list[NetResolver] = []
     seen: set[str] = set()

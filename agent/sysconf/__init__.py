@@ -10,8 +10,11 @@ and nothing is lost. The agent never reads its own address back as an upstream
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +27,7 @@ from agent.sysconf.resolved import ResolvedBackend
 LOG = logging.getLogger(__name__)
 
 JOURNAL = "stub.json"
+LOCK = "stub.lock"
 
 
 class Backend(Protocol):
@@ -39,9 +43,16 @@ class Backend(Protocol):
         """What is there now (journalled before anything changes)."""
 
     def apply(
-        self, nameservers: Sequence[str], previous: dict[str, Any], extra_search: Sequence[str] = ()
+        self,
+        nameservers: Sequence[str],
+        previous: dict[str, Any],
+        search: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Point the stub at `nameservers`; returns the journal entry (previous + what it did)."""
+        """Point the stub at `nameservers`; returns the journal entry (previous + what it did).
+
+        `search`: the network's search domains as the agent sees them (None: as the backend
+        finds them). Called again with its own entry as `previous` (a refresh), it changes
+        only what differs."""
 
     def revert(self, entry: dict[str, Any]) -> str:
         """Undo `entry`; a sentence saying what was done."""
@@ -68,23 +79,69 @@ def choose(name: str = "auto", root: Path = Path("/"), nm_bus: str | None = None
     return known["resolv.conf"]
 
 
-def apply(state_dir: Path, backend: Backend, nameservers: Sequence[str]) -> str:
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """One change of the stub at a time (ExecStartPost=, a refresh, ExecStopPost=)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    fd = os.open(state_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def apply(
+    state_dir: Path,
+    backend: Backend,
+    nameservers: Sequence[str],
+    search: Sequence[str] | None = None,
+) -> str:
     """Point the system stub at the tunnel; journalled first, idempotent."""
-    journal = Journal(state_dir)
-    existing = journal.load()
-    if existing is not None and existing["backend"] != backend.name:
-        restore(state_dir)  # another backend's change is undone before this one's
-        existing = None
-    previous = existing["entries"][0] if existing else backend.record()
-    journal.save(backend.name, [previous])  # before the change: a crash now loses nothing
-    entry = backend.apply(nameservers, previous)
-    journal.save(backend.name, [entry])
+    with _locked(state_dir):
+        journal = Journal(state_dir)
+        existing = journal.load()
+        if existing is not None and existing["backend"] != backend.name:
+            _restore(journal, Path("/"))  # another backend's change first
+            existing = None
+        previous = existing["entries"][0] if existing else backend.record()
+        journal.save(backend.name, [previous])  # before the change: a crash now loses nothing
+        entry = backend.apply(nameservers, previous, search)
+        journal.save(backend.name, [entry])
     return f"system stub ({backend.describe()}) points at {', '.join(nameservers)}"
+
+
+def refresh(
+    state_dir: Path,
+    nameservers: Sequence[str],
+    search: Sequence[str] | None,
+    root: Path = Path("/"),
+    nm_bus: str | None = None,
+) -> str:
+    """Apply again what the journal says is applied, with the network's search domains of
+    now; nothing when the stub is not pointed (stopped, restored: never a stub pointing at a
+    tunnel that is not there)."""
+    with _locked(state_dir):
+        journal = Journal(state_dir)
+        data = journal.load()
+        if data is None:
+            return "the system stub is not pointed at the tunnel: nothing to refresh"
+        backend = backends(root, nm_bus).get(data["backend"])
+        if backend is None:
+            raise JournalError(f"{journal.path}: unknown backend {data['backend']!r}")
+        entry = backend.apply(nameservers, data["entries"][0], search)
+        journal.save(backend.name, [entry])
+    domains = " ".join(search) if search else "none"
+    return f"system stub ({backend.describe()}) refreshed: search domains {domains}"
 
 
 def restore(state_dir: Path, root: Path = Path("/")) -> str:
     """Undo what the journal records; a human sentence saying what was done."""
-    journal = Journal(state_dir)
+    with _locked(state_dir):
+        return _restore(Journal(state_dir), root)
+
+
+def _restore(journal: Journal, root: Path) -> str:
     try:
         data = journal.load()
     except JournalError as exc:
@@ -100,4 +157,13 @@ def restore(state_dir: Path, root: Path = Path("/")) -> str:
     return "; ".join(said) or "nothing to restore"
 
 
-__all__ = ["Backend", "Journal", "JournalError", "apply", "backends", "choose", "restore"]
+__all__ = [
+    "Backend",
+    "Journal",
+    "JournalError",
+    "apply",
+    "backends",
+    "choose",
+    "refresh",
+    "restore",
+]

@@ -22,9 +22,10 @@ renewal and NM restart (the watcher sees the network as before) and only the wri
 resolv.conf stops.
 
 What happens to:
-- the network's search domains and options: kept, read from the resolv.conf NM wrote
-  (render in resolvconf_file); as in every backend that writes the file, a change of the
-  network's domains while the agent runs shows only after a restore (or the next apply);
+- the network's search domains and options: the options kept from the resolv.conf NM
+  wrote (render in resolvconf_file); the search domains are the network's as the daemon
+  sees them in NM's DnsManager.Configuration, and follow it while the agent runs (the
+  daemon asks for a refresh, request.py; NM, silenced, would not write them);
 - rc-manager modes: `dns=none` makes every mode "unmanaged". file: our file replaces NM's;
   symlink (to /run/NetworkManager/resolv.conf) and resolvconf/netconfig (resolv.conf is
   resolvconf's symlink, NM stops feeding it): the symlink is replaced by our file and put
@@ -367,18 +368,31 @@ class NetworkManagerBackend:
         return entry
 
     def apply(
-        self, nameservers: Sequence[str], previous: dict[str, Any], extra_search: Sequence[str] = ()
+        self,
+        nameservers: Sequence[str],
+        previous: dict[str, Any],
+        search: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Silence NM (drop-in, reload, check), then write resolv.conf; the journal entry."""
+        """Silence NM (drop-in, reload, check), then write resolv.conf; the journal entry.
+
+        `search`: the network's domains as the agent sees them now; they replace those NM
+        wrote in the original (the network of then). Again with NM still silenced (a
+        refresh): only the file is written."""
         nm = self.connect(self.bus_address)
-        if nm.state() is None:
+        state = nm.state()
+        if state is None:
             raise NMStubError(
                 f"NetworkManager is not on {self.bus_address or 'the system bus'}: "
                 "nothing to keep from rewriting resolv.conf (stub_backend = networkmanager)"
             )
-        used = self.dropin.place(nm, previous.get("dropins", {}), _silenced)
+        if previous.get("used") and state.mode == "none" and self.dropin.in_place():
+            used = previous["used"]
+        else:
+            used = self.dropin.place(nm, previous.get("dropins", {}), _silenced)
         try:
-            written = self.file.apply(nameservers, previous["resolv_conf"], extra_search)
+            written = self.file.apply(
+                nameservers, previous["resolv_conf"], search, keep_search=search is None
+            )
         except OSError:
             self.dropin.put_back(previous.get("dropins", {}))  # not silenced for a file not ours
             nm.reload(RELOAD_CONF)

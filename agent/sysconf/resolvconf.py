@@ -55,14 +55,12 @@ class ResolvconfError(AgentError):
 
 
 # -- the pure part ------------------------------------------------------------------------
-def render_record(nameservers: Sequence[str], extra_search: Sequence[str] = ()) -> str:
-    """Our interface record: the tunnel's addresses (and any search domains of our own)."""
+def render_record(nameservers: Sequence[str]) -> str:
+    """Our interface record: the tunnel's addresses (the search domains are the other
+    records', which resolvconf merges)."""
     if not nameservers:
         raise ValueError("a resolvconf record needs at least one nameserver")
-    lines = [f"nameserver {ns}" for ns in nameservers]
-    if extra_search:
-        lines.append("search " + " ".join(dict.fromkeys(extra_search)))
-    return "\n".join(lines) + "\n"
+    return "".join(f"nameserver {ns}\n" for ns in nameservers)
 
 
 def nameservers_of(text: str) -> list[str]:
@@ -177,15 +175,21 @@ class ResolvconfBackend:
         }
 
     def apply(
-        self, nameservers: Sequence[str], previous: dict[str, Any], extra_search: Sequence[str] = ()
+        self,
+        nameservers: Sequence[str],
+        previous: dict[str, Any],
+        search: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Add our record (the journal already holds `previous`), then check the result."""
+        """Add our record (the journal already holds `previous`), then check the result.
+
+        `search` is not used: every interface's record keeps the search domains its DHCP
+        client gave, also while ours is there."""
         impl = self.implementation()
         if impl is None:
             raise ResolvconfError(
                 f"{self._need_program()}: neither Debian's resolvconf nor openresolv"
             )
-        self._run(["-a", RECORD], stdin=render_record(nameservers, extra_search))
+        self._run(["-a", RECORD], stdin=render_record(nameservers))
         records = self.records()
         try:
             listed = nameservers_of(self.path.read_text())

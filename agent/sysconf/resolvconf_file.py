@@ -9,6 +9,7 @@ if something else rewrote it since, theirs is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -25,22 +26,35 @@ HEADER += "# The previous file is put back when the agent stops (dnstls-agent re
 KEEP = ("search", "domain", "options", "sortlist")
 
 
-def render(original: str, nameservers: Sequence[str], extra_search: Sequence[str] = ()) -> str:
-    """The new resolv.conf: our nameservers; the original's search, options, sortlist kept."""
+def render(
+    original: str,
+    nameservers: Sequence[str],
+    search: Sequence[str] | None = None,
+    *,
+    keep_search: bool = True,
+) -> str:
+    """The new resolv.conf: our nameservers; the original's options and sortlist kept.
+
+    Search domains: the original's (when `keep_search`), then `search` (the network's
+    domains as the agent sees them), each once. A backend whose original was written by
+    a manager that no longer writes (NetworkManager silenced) passes keep_search=False:
+    the original's domains are the network of then, `search` is the network of now.
+    """
     kept: list[str] = []
-    search: list[str] = []
+    domains: list[str] = []
     for line in original.splitlines():
         words = line.split()
         if not words or words[0].startswith(("#", ";")) or words[0] not in KEEP:
             continue
         if words[0] in ("search", "domain"):
-            search += [w for w in words[1:] if w not in search]
+            if keep_search or search is None:
+                domains += [w for w in words[1:] if w not in domains]
         else:
             kept.append(" ".join(words))
-    search += [d for d in extra_search if d not in search]
+    domains += [d for d in search or () if d not in domains]
     lines = [f"nameserver {ns}" for ns in nameservers]
-    if search:
-        lines.append("search " + " ".join(search))
+    if domains:
+        lines.append("search " + " ".join(domains))
     return HEADER + "\n".join(lines + kept) + "\n"
 
 
@@ -65,7 +79,10 @@ class ResolvConfFile:
     def record(self) -> dict[str, Any]:
         """What is there now, to put back later."""
         if self.path.is_symlink():
-            return {"file": str(self.path), "symlink": os.readlink(self.path)}
+            entry: dict[str, Any] = {"file": str(self.path), "symlink": os.readlink(self.path)}
+            with contextlib.suppress(OSError):
+                entry["seen"] = self.path.read_text()  # what applications saw through it
+            return entry
         try:
             st = self.path.stat()
             return {
@@ -77,14 +94,26 @@ class ResolvConfFile:
             return {"file": str(self.path), "absent": True}
 
     def apply(
-        self, nameservers: Sequence[str], previous: dict[str, Any], extra_search: Sequence[str] = ()
+        self,
+        nameservers: Sequence[str],
+        previous: dict[str, Any],
+        search: Sequence[str] | None = None,
+        *,
+        keep_search: bool = True,
     ) -> dict[str, Any]:
-        """Write our file (the journal already holds `previous`); the entry to journal."""
+        """Write our file (the journal already holds `previous`); the entry to journal.
+
+        Again (a refresh): the file rendered from the original, not from our own file; if
+        something else rewrote it since (dhclient at a renewal, an administrator), that file
+        is the network's newest word: it becomes the original restore puts back."""
+        base, previous = self._original(previous)
+        data = render(base, nameservers, search, keep_search=keep_search).encode()
         try:
-            current = self.path.read_text()  # through a symlink: what applications see now
+            same = not self.path.is_symlink() and self.path.read_bytes() == data
         except OSError:
-            current = previous.get("content", "")
-        data = render(current, nameservers, extra_search).encode()
+            same = False
+        if same:
+            return {**previous, "ours": _digest(data)}
         if self.path.is_symlink():
             LOG.warning(
                 "%s was a symlink to %s: replaced by a file, put back on stop",
@@ -93,6 +122,28 @@ class ResolvConfFile:
             )
         write_atomic(self.path, data, mode=0o644)
         return {**previous, "ours": _digest(data)}
+
+    def _original(self, previous: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The text our file is rendered from, and the entry (renewed when it was replaced)."""
+        ours = previous.get("ours")
+        if ours and not self.path.is_symlink():
+            try:
+                if _digest(self.path.read_bytes()) == ours:
+                    return previous.get("content", previous.get("seen", "")), previous
+            except OSError:
+                pass
+        if ours:
+            LOG.warning(
+                "%s was rewritten by something else since the agent wrote it: its nameservers "
+                "replaced by the tunnel again, and it is now what restore puts back",
+                self.path,
+            )
+            previous = self.record()
+        try:
+            current = self.path.read_text()  # through a symlink: what applications see now
+        except OSError:
+            current = previous.get("content", "")
+        return current, previous
 
     def revert(self, entry: dict[str, Any]) -> str:
         try:

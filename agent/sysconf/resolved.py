@@ -64,8 +64,9 @@ What survives what:
 - a restart of resolved: the drop-in (a file) and the emptied links (resolved keeps them in
   /run/systemd/resolve/netif); NM, silenced, sends nothing.
 - a restart of NM, a new lease, a new connection: NM reads its drop-in at start and sends
-  nothing; a new link has no servers (everything goes to the tunnel) and, until the next
-  `stub`, no search domain of its own.
+  nothing; a new link has no servers (everything goes to the tunnel); the network's search
+  domains follow in the drop-in's Domains= (the daemon asks for a refresh when they change,
+  request.py: a restart of resolved each time they do).
 - a link that systemd-networkd manages: resolved refuses SetLinkDNS for it ("Link ... is
   managed", by its source; not exercised here): a warning says which domains keep going to
   which servers, and apply goes on (the default route is the tunnel's all the same).
@@ -75,7 +76,8 @@ What survives what:
   boot ID in the journal tells).
 Costs: each apply that changes the drop-in and each revert restart resolved (its cache is
 lost; its stub is away for some milliseconds); NM is reloaded at apply and at revert; the
-links' search domains are copied into the drop-in as they are at apply.
+search domains in the drop-in are the network's as the daemon sees them (at the first
+apply without a daemon's word: the links' as resolved has them).
 
 Crash safety: record() journals the global servers, every link's servers and NM's drop-in
 files before any change; revert works from that alone (apply may have died anywhere): it
@@ -547,14 +549,18 @@ class ResolvedBackend:
         }
 
     def apply(
-        self, nameservers: Sequence[str], previous: dict[str, Any], extra_search: Sequence[str] = ()
+        self,
+        nameservers: Sequence[str],
+        previous: dict[str, Any],
+        search: Sequence[str] | None = None,
     ) -> dict[str, Any]:
+        """`search`: the network's domains as the agent sees them (NM, silenced, no longer
+        sends the links' own); None: the links' domains as resolved has them."""
         if previous.get("boot_id") != self.boot_id():
             previous = self.record()  # journalled in another boot: nothing of it is left
         snap = self.control.snapshot()
         links = record_links(previous.get("links", []), snap)
-        search = snap.search_domains() + [d for d in extra_search if d]
-        text = render(nameservers, search)
+        text = render(nameservers, snap.search_domains() if search is None else list(search))
         entry = {**previous, "links": links, "nameservers": list(nameservers)}
         try:
             written = self.dropin.read_text() == text
@@ -580,7 +586,10 @@ class ResolvedBackend:
                 ", ".join(extra),
                 self.dropin,
             )
-        entry["links"], entry["nm_used"] = self._silence_nm(entry["links"], previous)
+        if previous.get("nm_used") and self.nm_dropin.in_place():
+            entry["links"] = self._empty_links(entry["links"])  # a refresh: NM is silenced
+        else:
+            entry["links"], entry["nm_used"] = self._silence_nm(entry["links"], previous)
         return entry
 
     def revert(self, entry: dict[str, Any]) -> str:

@@ -348,6 +348,7 @@ class NMLab:
         self.tag = new_tag()
         self.parent = directory
         self.initial_dns = list(dns)
+        self.domain = DOMAIN  # the domain name dnsmasq hands out (set_dns changes it)
         self.nm_dns = nm_dns
         self.resolv_conf_link = resolv_conf_link
         if isinstance(dispatcher, Path):
@@ -499,7 +500,6 @@ dhcp-authoritative
 no-ping
 dhcp-range={DHCP_RANGE[0]},{DHCP_RANGE[1]},255.255.255.0,{self.lease}
 {v6}dhcp-option=option:router,{self.srv_ips[0]}
-dhcp-option=option:domain-name,{DOMAIN}
 dhcp-optsfile={srv / "dhcp-opts"}
 dhcp-leasefile={srv / "dnsmasq.leases"}
 log-dhcp
@@ -516,7 +516,7 @@ group=root
         v6 = [s for s in servers if ":" in s]
         if v6 and not self.ipv6:
             raise ValueError(f"IPv6 DNS servers {v6} need NMLab(ipv6=True)")
-        lines = []
+        lines = [f"option:domain-name,{self.domain}"]
         if v4:
             lines.append("option:dns-server," + ",".join(v4))
         if v6:
@@ -847,10 +847,14 @@ dhcp-hostname={HOSTNAME}
         self._start_nm()
         _run_sync(lambda: self._wait_ready(lambda _what: None), self.timeout)
 
-    def set_dns(self, servers: Sequence[str], timeout: float = 5.0) -> None:
-        """Make dnsmasq hand out `servers` from now on (rewrite its optsfile, SIGHUP, and
-        wait until it has re-read it). NM sees them at its next DHCP exchange: `renew()`."""
+    def set_dns(
+        self, servers: Sequence[str], timeout: float = 5.0, *, domain: str | None = None
+    ) -> None:
+        """Make dnsmasq hand out `servers` (and `domain`, when given) from now on (rewrite
+        its optsfile, SIGHUP, and wait until it has re-read it). NM sees them at its next
+        DHCP exchange: `renew()`."""
         assert self._dnsmasq is not None
+        self.domain = domain or self.domain
         marker = f"read {self.dir}/srv/dhcp-opts"
         before = self._dnsmasq_log().count(marker)
         self._write_dhcp_opts(servers)

@@ -19,6 +19,7 @@ import json
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import pytest
 from agent import sysconf
 from agent.sysconf import networkmanager as nmb
 from tests.conftest import require_program, require_root
+from tests.lab.agentproc import AgentProcess
 from tests.lab.netns import SRV_IPS
 from tests.lab.nmlab import DOMAIN, NMLab
 
@@ -240,3 +242,39 @@ def test_rc_manager_symlink(lab: NMLab, tmp_path: Path) -> None:
     link, text = inside()
     assert link == "/run/NetworkManager/resolv.conf"
     assert nameservers(text) == [NEW] and search(text) == [DOMAIN]
+
+
+def test_daemon_follows_the_networks_domains(lab: NMLab, tmp_path: Path) -> None:
+    """The daemon (as root, as run by hand) points the stub and, when a new lease brings
+    another domain, refreshes resolv.conf's search line (NM, silenced, would not); on stop
+    NM writes the network of now."""
+    assert lab.machine is not None
+    agent_ = AgentProcess(
+        lab.machine,
+        tmp_path / "agent",
+        f'listen = ["{TUNNEL}:53"]\nnm_bus = "{lab.bus_address}"\nlease_dirs = []\n'
+        'stub_backend = "networkmanager"\n',
+        manage_stub=True,
+    )
+    agent_.wait(lambda s: s["search"] == [DOMAIN], 20, "seeing the network's domain")
+    resolv = lab.resolv_conf()
+    assert nameservers(resolv) == [TUNNEL] and search(resolv) == [DOMAIN]
+
+    lab.set_dns([NEW], domain="new.test")
+    lab.renew()
+    st = agent_.wait(lambda s: s["search"] == ["new.test"], 20, "following the new domain")
+    end = time.monotonic() + 10
+    while search(lab.resolv_conf()) != ["new.test"] and time.monotonic() < end:
+        time.sleep(0.05)
+    resolv = lab.resolv_conf()
+    assert nameservers(resolv) == [TUNNEL] and search(resolv) == ["new.test"]  # lab.test gone
+    assert (
+        st["stub"]["error"] is None and "search domains new.test" in st["stub"]["asked"]["reason"]
+    )
+    request = json.loads((tmp_path / "agent/run/stub-request.json").read_text())
+    assert request["search"] == ["new.test"]  # what root would read under the unit
+
+    agent_.proc.popen.send_signal(signal.SIGTERM)
+    assert agent_.proc.popen.wait(20) == 0
+    resolv = lab.resolv_conf()
+    assert nameservers(resolv) == [NEW] and search(resolv) == ["new.test"]  # NM's, of now

@@ -13,6 +13,7 @@ import pytest
 
 from agent import __version__, config
 from agent.config import OPTIONS, Scope
+from agent.sysconf import request
 from tests.conftest import require_program
 from tests.lab.netns import REPO
 from tests.unit.docs import toml_value
@@ -28,10 +29,10 @@ MAN_PAGES = sorted(p.name for p in (REPO / "man").glob("*.[1-8]"))
 COMMENTED = re.compile(r"^#(\w+ = .*|\[\[interface\]\])$")
 
 
-def unit_settings() -> dict[str, list[str]]:
+def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
     """Key -> every value it is given (a unit may set a key more than once)."""
     out: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         if line and not line.startswith(("#", "[")):
             key, _, value = line.partition("=")
             out.setdefault(key, []).append(value)
@@ -90,6 +91,20 @@ def test_unit_fits_the_code() -> None:
     assert sysuser[:2] == ["u", unit["User"][0]] and unit["Group"] == unit["User"]
 
 
+def test_stub_refresh_units_fit_the_code() -> None:
+    """The daemon's request file is what the path unit watches; root runs `stub --refresh`."""
+    unit = unit_settings()
+    path = unit_settings(UNIT.with_name("dnstls-agent-stub.path"))
+    service = unit_settings(UNIT.with_name("dnstls-agent-stub.service"))
+    assert "dnstls-agent-stub.path" in unit["Wants"]
+    assert path["PartOf"] == ["dnstls-agent.service"]
+    assert path["PathChanged"] == [str(request.path(Path(config.Config().runtime_dir)))]
+    assert path["Unit"] == ["dnstls-agent-stub.service"]
+    assert service["Type"] == ["oneshot"]
+    assert service["ExecStart"] == ["/usr/bin/dnstls-agent stub --refresh"]
+    assert "User" not in service  # root: it writes the system's DNS configuration
+
+
 def test_debian_and_rpm_install_the_same_things() -> None:
     libdir = re.search(r'sys\.path\.insert\(0, "([^"]+)"\)', LAUNCHER.read_text())
     assert libdir, "the launcher puts the private directory on the path"
@@ -102,7 +117,8 @@ def test_debian_and_rpm_install_the_same_things() -> None:
     assert sorted(Path(m).name for m in manpages) == MAN_PAGES
     for page in MAN_PAGES:
         assert page.replace("dnstls-agent", "%{name}") in spec, page
-    for shipped in ("dispatcher.d/90-dnstls-agent", "packaging/agent.toml"):
+    units = sorted(f"packaging/systemd/{u.name}" for u in UNIT.parent.iterdir())
+    for shipped in ("dispatcher.d/90-dnstls-agent", "packaging/agent.toml", *units):
         assert shipped in install
         assert shipped.replace("dnstls-agent", "%{name}") in spec
 
@@ -115,14 +131,18 @@ def test_unit_verifies(tmp_path: Path) -> None:
     stand_in = tmp_path / "dnstls-agent"
     stand_in.write_text("#!/bin/sh\n")
     stand_in.chmod(0o755)
-    unit = tmp_path / "dnstls-agent.service"
-    unit.write_text(UNIT.read_text().replace("/usr/bin/dnstls-agent", str(stand_in)))
+    units = []
+    for source in sorted(UNIT.parent.iterdir()):  # the service, the stub path unit and service
+        unit = tmp_path / source.name
+        unit.write_text(source.read_text().replace("/usr/bin/dnstls-agent", str(stand_in)))
+        units.append(str(unit))
+    assert len(units) == 3
     for page in MAN_PAGES:
         section = tmp_path / "man" / f"man{page[-1]}"
         section.mkdir(parents=True, exist_ok=True)
         (section / page).symlink_to(REPO / "man" / page)
     proc = subprocess.run(
-        [analyze, "verify", str(unit)],
+        [analyze, "verify", *units],
         capture_output=True,
         text=True,
         check=False,

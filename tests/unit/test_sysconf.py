@@ -33,14 +33,76 @@ def resolv(root: Path) -> Path:
     return root / "etc" / "resolv.conf"
 
 
+def body(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if not ln.startswith("#")]
+
+
 def test_render_keeps_search_and_options() -> None:
-    out = resolvconf_file.render(ORIGINAL, TUNNEL, extra_search=["vpn.example"])
-    body = [ln for ln in out.splitlines() if not ln.startswith("#")]
-    assert body == [
+    out = resolvconf_file.render(ORIGINAL, TUNNEL, ["vpn.example", "lab.example"])
+    assert body(out) == [
         "nameserver 127.0.0.153",
         "search lab.example corp.example vpn.example",
         "options edns0 timeout:2",
     ]
+
+
+def test_render_with_the_networks_domains_of_now() -> None:
+    """keep_search=False: the original's domains were the network of then (NM's file)."""
+    out = resolvconf_file.render(ORIGINAL, TUNNEL, ["new.example"], keep_search=False)
+    assert body(out) == ["nameserver 127.0.0.153", "search new.example", "options edns0 timeout:2"]
+    out = resolvconf_file.render(ORIGINAL, TUNNEL, [], keep_search=False)
+    assert body(out) == ["nameserver 127.0.0.153", "options edns0 timeout:2"]
+    # no word from the agent (None): the original's are all there is
+    out = resolvconf_file.render(ORIGINAL, TUNNEL, None, keep_search=False)
+    assert "search lab.example corp.example" in out
+
+
+def test_refresh_follows_the_networks_domains(root: Path, tmp_path: Path) -> None:
+    resolv(root).write_text(ORIGINAL)
+    state = tmp_path / "state"
+    sysconf.apply(state, ResolvConfFile(root), TUNNEL, ["a.example"])
+    assert "search lab.example corp.example a.example" in resolv(root).read_text()
+    said = sysconf.refresh(state, TUNNEL, ["b.example"], root)
+    assert "refreshed: search domains b.example" in said
+    text = resolv(root).read_text()
+    assert "search lab.example corp.example b.example" in text  # a.example gone: not stale
+    assert "a.example" not in text
+    before = resolv(root).stat().st_mtime_ns
+    sysconf.refresh(state, TUNNEL, ["b.example"], root)
+    assert resolv(root).stat().st_mtime_ns == before  # nothing changed: nothing written
+    sysconf.restore(state, root)
+    assert resolv(root).read_text() == ORIGINAL
+
+
+def test_refresh_takes_a_rewritten_file_as_the_new_original(root: Path, tmp_path: Path) -> None:
+    """dhclient rewrites resolv.conf at a renewal: the tunnel goes back in, and the renewal's
+    file (the network's servers of now) is what restore puts back."""
+    resolv(root).write_text(ORIGINAL)
+    state = tmp_path / "state"
+    sysconf.apply(state, ResolvConfFile(root), TUNNEL)
+    renewed = "search new.example\nnameserver 203.0.113.1\noptions rotate\n"
+    resolv(root).write_text(renewed)
+    sysconf.refresh(state, TUNNEL, None, root)
+    assert body(resolv(root).read_text()) == [
+        "nameserver 127.0.0.153",
+        "search new.example",
+        "options rotate",
+    ]
+    assert json.loads((state / "stub.json").read_text())["entries"][0]["content"] == renewed
+    assert "put back" in sysconf.restore(state, root)
+    assert resolv(root).read_text() == renewed
+
+
+def test_refresh_does_nothing_when_the_stub_is_not_pointed(root: Path, tmp_path: Path) -> None:
+    """After a restore (the unit stopped), a late refresh must not point it at a dead tunnel."""
+    resolv(root).write_text(ORIGINAL)
+    state = tmp_path / "state"
+    sysconf.apply(state, ResolvConfFile(root), TUNNEL)
+    sysconf.restore(state, root)
+    said = sysconf.refresh(state, TUNNEL, ["b.example"], root)
+    assert "not pointed" in said
+    assert resolv(root).read_text() == ORIGINAL
+    assert not (state / "stub.json").exists()
 
 
 def test_apply_and_restore_a_file(root: Path, tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ TUNNEL = ["127.0.0.153"]
 def test_record_text() -> None:
     assert resolvconf.render_record(TUNNEL) == "nameserver 127.0.0.153\n"
     assert (
-        resolvconf.render_record(["127.0.0.153", "::1"], ["vpn.test", "a.test", "vpn.test"])
-        == "nameserver 127.0.0.153\nnameserver ::1\nsearch vpn.test a.test\n"
+        resolvconf.render_record(["127.0.0.153", "::1"])
+        == "nameserver 127.0.0.153\nnameserver ::1\n"
     )
     with pytest.raises(ValueError, match="at least one nameserver"):
         resolvconf.render_record([])
