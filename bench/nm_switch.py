@@ -7,9 +7,10 @@ other resolver and re-activates the connection (`nmcli device up`), and measures
 thread inside the client's network namespace:
     nm    renew started -> DnsManager.Configuration names the new resolver (PropertiesChanged)
     agent that signal -> the first answer through 127.0.0.153 that comes from the new one
-(queries every 2 ms over UDP). The agent has no knowledge of a resolver the first time
-it sees it (it tries TLS on 853 at once and probes beside it); rounds after the first two
-switch to resolvers it already knows.
+(a UDP query every 2 ms from the renew on, not waiting for the one before:
+tests/lab/leasetiming.py). The agent has no knowledge of a resolver the first time it sees
+it (it tries TLS on 853 at once and probes beside it); rounds after the first two switch
+to resolvers it already knows.
 
     python bench/nm_switch.py [--rounds 10]        (root)
 """
@@ -21,62 +22,22 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dns.asyncquery  # noqa: E402
-import dns.message  # noqa: E402
-
 from tests.lab.agentproc import AgentProcess  # noqa: E402
 from tests.lab.certs import CA  # noqa: E402
+from tests.lab.leasetiming import address, time_lease  # noqa: E402
 from tests.lab.netns import call_in  # noqa: E402
-from tests.lab.nmlab import DNS_IFACE, DNS_PATH, NMLab, add_match, connect, unwrap  # noqa: E402
+from tests.lab.nmlab import NMLab  # noqa: E402
 from tests.lab.peer import PEER_A, spawn  # noqa: E402
 from tests.lab.unbound import WWW_A, Unbound, UnboundConfig  # noqa: E402
 
 UNBOUND, PEER = "198.51.100.1", "198.51.100.3"
 ANSWER = {UNBOUND: WWW_A, PEER: PEER_A}
 STUB = "127.0.0.153"
-
-
-async def answer_now() -> str | None:
-    try:
-        r = await dns.asyncquery.udp(
-            dns.message.make_query("www.lab.test", "A"), STUB, timeout=0.05
-        )
-    except Exception:  # timeouts and SERVFAIL-less silences during the switch
-        return None
-    return str(r.answer[0][0].address) if r.answer else None
-
-
-async def one_round(lab: NMLab, target: str) -> tuple[float, float]:
-    bus = await connect(lab.bus_address)
-    seen = asyncio.get_running_loop().create_future()
-
-    def on_message(msg: Any) -> None:
-        if msg.path == DNS_PATH and msg.member == "PropertiesChanged" and msg.body[0] == DNS_IFACE:
-            config = unwrap(msg.body[1]).get("Configuration", [])
-            if any(target in e.get("nameservers", []) for e in config) and not seen.done():
-                seen.set_result(time.monotonic())
-
-    bus.add_message_handler(on_message)
-    await add_match(bus, f"type='signal',path='{DNS_PATH}',member='PropertiesChanged'")
-    lab.set_dns([target])
-    t0 = time.monotonic()
-    renew = asyncio.get_running_loop().run_in_executor(None, lab.renew)
-    t_nm = await asyncio.wait_for(seen, 30)
-    while await answer_now() != ANSWER[target]:
-        await asyncio.sleep(0.002)
-        if time.monotonic() - t_nm > 30:
-            raise TimeoutError("the tunnel never answered through the new resolver")
-    t_ok = time.monotonic()
-    await renew
-    bus.disconnect()
-    return t_nm - t0, t_ok - t_nm
 
 
 def main() -> None:
@@ -112,8 +73,12 @@ ca_file = "{ca.path}"
             def rounds() -> None:
                 for i in range(args.rounds):
                     target = PEER if i % 2 == 0 else UNBOUND
-                    nm, ag = asyncio.run(one_round(lab, target))
-                    results.append((target, nm, ag))
+
+                    async def new_answer(target: str = target) -> bool:
+                        return await address(STUB, "www.lab.test") == ANSWER[target]
+
+                    times = asyncio.run(time_lease(lab, target, new_answer, interval=0.002))
+                    results.append((target, times.nm, times.nm_to_answer))
 
             call_in(lab.cli.name, rounds, timeout=args.rounds * 60)  # a thread in the client netns
     print(f"NM re-activation -> tunnel answering through the new resolver, {args.rounds} rounds")
