@@ -26,6 +26,7 @@ from typing import Literal
 
 import pytest
 
+from agent.sysconf import request
 from agent.sysconf.resolved import ResolvedStubError, Server, Snapshot
 from tests.conftest import Certs, missing, require_program, require_root
 from tests.lab.netns import SRV_IPS
@@ -335,3 +336,26 @@ def test_an_administrators_global_servers_are_set_aside_and_come_back(
         assert set(got.values()) == {PEER_A} and w.link.seen() == []
         lab.agent("restore")
         assert settings(lab.snapshot()) == settings(before)
+
+
+def test_refresh_brings_the_networks_domains_of_now(world: World) -> None:
+    """NM, silenced, sends resolved no new domains: the daemon's request does (stub
+    --refresh as root, as dnstls-agent-stub.service runs it); single-label names then expand
+    to the new domain. The same request again restarts nothing."""
+    w = world
+    lab = w.lab
+    lab.agent("stub")
+    (lab.dir / "runtime").mkdir(exist_ok=True)
+    request.write(lab.dir / "runtime", ("new.test",), "search domains new.test")
+    starts = lab.starts()
+    said = lab.agent("stub", "--refresh").stdout
+    assert "refreshed: search domains new.test" in said
+    assert lab.starts() == starts + 1  # the drop-in changed: resolved read it again
+    assert "Domains=~. new.test\n" in lab.dropin.read_text()
+    assert ("new.test", False) in lab.snapshot().domains.get(0, ())
+    stub_conf = lab.run(["cat", "/etc/resolv.conf"]).stdout  # what glibc's search list is
+    assert "new.test" in next(ln for ln in stub_conf.splitlines() if ln.startswith("search "))
+    lab.agent("stub", "--refresh")
+    assert lab.starts() == starts + 1  # nothing to change: no restart
+    lab.agent("restore")
+    assert not lab.dropin.exists()
