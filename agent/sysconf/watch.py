@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 
 LOG = logging.getLogger(__name__)
 
+BURST = 3  # asks in a row before backing off
+BACKOFF, BACKOFF_MAX = 10.0, 300.0
 RESOLVED_STUBS = frozenset({"127.0.0.53", "127.0.0.54"})  # resolved forwards to the tunnel
 
 
@@ -50,25 +53,52 @@ class ResolvConfWatch:
             return None
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
-    async def run(self, ask: Callable[[str], None]) -> None:
-        """Forever: `ask(reason)` each time the file changes to name foreign nameservers."""
+    async def run(
+        self, ask: Callable[[str], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Forever: `ask(reason)` each time the file changes to name foreign nameservers.
+
+        A refresh that does not help (the file comes back foreign again and again: something
+        fights over it) is asked for less and less often: after BURST asks in a row, at most
+        once per BACKOFF seconds, doubling up to BACKOFF_MAX, with one error in the log."""
         key = self._key()  # as it is now: pointed at start, or being pointed (ExecStartPost=)
+        in_a_row = 0
+        quiet_until = 0.0
         while True:
             await asyncio.sleep(self.interval)
             now = self._key()
             if now == key:
                 continue
-            key = now
             try:
                 text = self.path.read_text()
             except OSError as exc:
                 LOG.debug("%s: %s", self.path, exc)
+                key = now
                 continue
             others = foreign(text, self.ours)
-            if others:
+            if not others:
+                key, in_a_row, quiet_until = now, 0, 0.0
+                continue
+            if clock() < quiet_until:
+                continue  # key kept: looked at again once the quiet time is over
+            key = now
+            in_a_row += 1
+            if in_a_row > BURST:
+                wait = min(BACKOFF * 2 ** (in_a_row - BURST - 1), BACKOFF_MAX)
+                quiet_until = clock() + wait
+                if in_a_row == BURST + 1:
+                    LOG.error(
+                        "%s keeps being rewritten with %s after each refresh: something else "
+                        "manages it (asking again at most every %.0f-%.0f s)",
+                        self.path,
+                        ", ".join(others),
+                        BACKOFF,
+                        BACKOFF_MAX,
+                    )
+            else:
                 LOG.warning(
                     "%s was rewritten by something else and names %s: pointing it back",
                     self.path,
                     ", ".join(others),
                 )
-                ask(f"{self.path} rewritten (nameservers {', '.join(others)})")
+            ask(f"{self.path} rewritten (nameservers {', '.join(others)})")

@@ -12,7 +12,7 @@ import pytest
 from agent.model import Link
 from agent.policy import search_domains
 from agent.sysconf import request
-from agent.sysconf.watch import ResolvConfWatch, foreign
+from agent.sysconf.watch import BACKOFF_MAX, ResolvConfWatch, foreign
 
 
 def test_round_trip(tmp_path: Path) -> None:
@@ -98,5 +98,34 @@ async def _watch(tmp_path: Path) -> None:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
         assert len(asked) == 1 and "203.0.113.1" in asked[0]  # once, not every second
+    finally:
+        task.cancel()
+
+
+def test_the_watch_backs_off_when_something_fights_over_the_file(tmp_path: Path) -> None:
+    asyncio.run(_fight(tmp_path))
+
+
+async def _fight(tmp_path: Path) -> None:
+    """Every refresh is undone at once: 3 asks, then one per back-off period (a fake clock)."""
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 127.0.0.153\n")
+    now = [0.0]
+    asked: list[str] = []
+    watch = ResolvConfWatch(path, {"127.0.0.153"}, 0.001)
+    task = asyncio.create_task(watch.run(asked.append, clock=lambda: now[0]))
+    try:
+        for i in range(12):
+            path.write_text(f"nameserver 203.0.113.1\n# {i}\n")
+            await asyncio.sleep(0.02)
+        assert len(asked) == 4  # 3 in a row, a 4th that starts the quiet time
+        now[0] += BACKOFF_MAX
+        await asyncio.sleep(0.02)
+        assert len(asked) == 5  # the file still foreign: asked once more after the quiet time
+        path.write_text("nameserver 127.0.0.153\n")  # fixed: the count starts again
+        await asyncio.sleep(0.02)
+        path.write_text("nameserver 203.0.113.2\n")
+        await asyncio.sleep(0.02)
+        assert len(asked) == 6 and "203.0.113.2" in asked[-1]
     finally:
         task.cancel()
