@@ -3,18 +3,23 @@
 On a machine where a DHCP client writes /etc/resolv.conf itself (Debian's ifupdown with
 isc-dhcp-client, and no resolvconf: dhclient-script rewrites the file at every renewal),
 the agent's file is replaced behind its back and queries go out in cleartext to the
-network's servers. The daemon looks at the file once a second (one stat(); the file is read
-only when it changed) and, when it names a nameserver that is neither the tunnel nor
-systemd-resolved's stub, asks for a refresh, which writes the tunnel back (and keeps the
-new file as the one restore puts back). Polling, not inotify: the standard library has no
-inotify, and a second's stat() costs nothing measurable.
+network's servers. The daemon is woken by inotify when anything in the file's directory is
+written or renamed (libc's inotify through ctypes: the standard library has none), and also
+looks once a second (one stat()) should inotify not be there; the file is read only when it
+changed. When it names a nameserver that is neither the tunnel nor systemd-resolved's stub,
+the daemon asks for a refresh, which writes the tunnel back (and keeps the new file as the
+one restore puts back).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -40,11 +45,60 @@ def foreign(text: str, ours: Collection[str]) -> list[str]:
     return [ns for ns in nameservers(text) if ns not in ours and ns not in RESOLVED_STUBS]
 
 
+# <sys/inotify.h>
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x80, 0x100, 0x200
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name)
+
+
+class Inotify:
+    """A directory watched with inotify, as a file descriptor to read (drained, not parsed:
+    any event in the directory is a reason to stat() the file)."""
+
+    def __init__(self, directory: Path) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if libc.inotify_add_watch(fd, os.fsencode(directory), MASK) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {directory}")
+        self.fd = fd
+
+    def drain(self) -> int:
+        """Read every pending event; how many bytes there were."""
+        n = 0
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return n
+            if not chunk:
+                return n
+            n += len(chunk)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class ResolvConfWatch:
-    def __init__(self, path: Path, ours: Collection[str], interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        ours: Collection[str],
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self.ours = frozenset(ours)
         self.interval = interval
+        self.clock = clock
+        self.seen: tuple[int, ...] | None = None  # the file last looked at
+        self.in_a_row = 0  # asks with no clean file in between
+        self.quiet_until = 0.0
 
     def _key(self) -> tuple[int, ...] | None:
         try:
@@ -53,52 +107,77 @@ class ResolvConfWatch:
             return None
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
-    async def run(
-        self, ask: Callable[[str], None], clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    async def run(self, ask: Callable[[str], None]) -> None:
         """Forever: `ask(reason)` each time the file changes to name foreign nameservers.
 
         A refresh that does not help (the file comes back foreign again and again: something
         fights over it) is asked for less and less often: after BURST asks in a row, at most
         once per BACKOFF seconds, doubling up to BACKOFF_MAX, with one error in the log."""
-        key = self._key()  # as it is now: pointed at start, or being pointed (ExecStartPost=)
-        in_a_row = 0
-        quiet_until = 0.0
-        while True:
-            await asyncio.sleep(self.interval)
-            now = self._key()
-            if now == key:
-                continue
-            try:
-                text = self.path.read_text()
-            except OSError as exc:
-                LOG.debug("%s: %s", self.path, exc)
-                key = now
-                continue
-            others = foreign(text, self.ours)
-            if not others:
-                key, in_a_row, quiet_until = now, 0, 0.0
-                continue
-            if clock() < quiet_until:
-                continue  # key kept: looked at again once the quiet time is over
-            key = now
-            in_a_row += 1
-            if in_a_row > BURST:
-                wait = min(BACKOFF * 2 ** (in_a_row - BURST - 1), BACKOFF_MAX)
-                quiet_until = clock() + wait
-                if in_a_row == BURST + 1:
-                    LOG.error(
-                        "%s keeps being rewritten with %s after each refresh: something else "
-                        "manages it (asking again at most every %.0f-%.0f s)",
-                        self.path,
-                        ", ".join(others),
-                        BACKOFF,
-                        BACKOFF_MAX,
-                    )
-            else:
-                LOG.warning(
-                    "%s was rewritten by something else and names %s: pointing it back",
+        self.seen = self._key()  # as it is now: pointed at start, or being pointed
+        woken = asyncio.Event()
+        notify = self._inotify(woken)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), self.interval)
+                woken.clear()
+                self.look(ask)
+        finally:
+            if notify is not None:
+                asyncio.get_running_loop().remove_reader(notify.fd)
+                notify.close()
+
+    def _inotify(self, woken: asyncio.Event) -> Inotify | None:
+        try:
+            notify = Inotify(self.path.parent)
+        except (OSError, AttributeError) as exc:  # no libc inotify: the poll alone
+            LOG.warning(
+                "no inotify for %s (%s): looking every %.1f s", self.path, exc, self.interval
+            )
+            return None
+
+        def readable() -> None:
+            if notify.drain():
+                woken.set()
+
+        asyncio.get_running_loop().add_reader(notify.fd, readable)
+        return notify
+
+    def look(self, ask: Callable[[str], None]) -> None:
+        """One look: if the file changed and names foreign nameservers, ask (or back off)."""
+        now = self._key()
+        if now == self.seen:
+            return
+        try:
+            text = self.path.read_text()
+        except OSError as exc:
+            LOG.debug("%s: %s", self.path, exc)
+            self.seen = now
+            return
+        others = foreign(text, self.ours)
+        if not others:
+            self.seen, self.in_a_row, self.quiet_until = now, 0, 0.0
+            return
+        if self.clock() < self.quiet_until:
+            return  # not marked seen: looked at again once the quiet time is over
+        self.seen = now
+        self.in_a_row += 1
+        if self.in_a_row <= BURST:
+            LOG.warning(
+                "%s was rewritten by something else and names %s: pointing it back",
+                self.path,
+                ", ".join(others),
+            )
+        else:
+            wait = min(BACKOFF * 2 ** (self.in_a_row - BURST - 1), BACKOFF_MAX)
+            self.quiet_until = self.clock() + wait
+            if self.in_a_row == BURST + 1:
+                LOG.error(
+                    "%s keeps being rewritten with %s after each refresh: something else "
+                    "manages it (asking again at most every %.0f-%.0f s)",
                     self.path,
                     ", ".join(others),
+                    BACKOFF,
+                    BACKOFF_MAX,
                 )
-            ask(f"{self.path} rewritten (nameservers {', '.join(others)})")
+        ask(f"{self.path} rewritten (nameservers {', '.join(others)})")

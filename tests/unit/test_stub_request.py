@@ -112,8 +112,8 @@ async def _fight(tmp_path: Path) -> None:
     path.write_text("nameserver 127.0.0.153\n")
     now = [0.0]
     asked: list[str] = []
-    watch = ResolvConfWatch(path, {"127.0.0.153"}, 0.001)
-    task = asyncio.create_task(watch.run(asked.append, clock=lambda: now[0]))
+    watch = ResolvConfWatch(path, {"127.0.0.153"}, 0.001, clock=lambda: now[0])
+    task = asyncio.create_task(watch.run(asked.append))
     try:
         for i in range(12):
             path.write_text(f"nameserver 203.0.113.1\n# {i}\n")
@@ -127,5 +127,30 @@ async def _fight(tmp_path: Path) -> None:
         path.write_text("nameserver 203.0.113.2\n")
         await asyncio.sleep(0.02)
         assert len(asked) == 6 and "203.0.113.2" in asked[-1]
+    finally:
+        task.cancel()
+
+
+def test_inotify_wakes_the_watch_at_once(tmp_path: Path) -> None:
+    """With a poll interval of a minute, only inotify can notice a rename over the file
+    (what dhclient-script does) within the second this test waits."""
+    asyncio.run(_inotify(tmp_path))
+
+
+async def _inotify(tmp_path: Path) -> None:
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 127.0.0.153\n")
+    asked: list[str] = []
+    task = asyncio.create_task(ResolvConfWatch(path, {"127.0.0.153"}, 60).run(asked.append))
+    try:
+        await asyncio.sleep(0.05)
+        new = tmp_path / "resolv.conf.dhclient-new"
+        new.write_text("nameserver 198.51.100.9\n")
+        new.replace(path)
+        for _ in range(100):
+            if asked:
+                break
+            await asyncio.sleep(0.01)
+        assert len(asked) == 1 and "198.51.100.9" in asked[0]
     finally:
         task.cancel()
