@@ -513,6 +513,12 @@ def format_status(st: dict[str, Any]) -> str:
             f"  upstream {up['upstream']}: {up['state']}, {up['queries']} queries, "
             f"{up['failures']} failures, {up['resumptions']} resumed"
             + (f", p50 {p50:.2f}ms" if p50 is not None else "")
+            + (f", {up['retransmits']} resent" if up.get("retransmits") else "")
+            + (
+                f", {up['tc_retries']} truncated asked again over TCP"
+                if up.get("tc_retries")
+                else ""
+            )
         )
     return "\n".join(lines)
 

@@ -24,12 +24,14 @@ from agent.dns.wire import FrameReader
 from agent.errors import Closed, Refused, Reset, TLSHandshakeFailed, TransportError
 from agent.tls import TLSEngine
 from agent.tunnel.pending import Pending
+from agent.tunnel.retransmit import Schedule
 
 LOG = logging.getLogger(__name__)
 
 RECV_SIZE = 262144
 MAX_INFLIGHT = 60000  # of the 65536 IDs; the tunnel's global limit is far below
 _LEN_ID = struct.Struct("!HH")
+_ID = struct.Struct("!H")
 
 AnswerHandler = Callable[["UpstreamConn", Pending | None, bytes], None]
 LostHandler = Callable[["UpstreamConn", TransportError], None]
@@ -50,6 +52,7 @@ class UpstreamConn:
         self.sock = sock
         self.tls = tls
         self.datagram = datagram  # plain DNS over UDP: one message per datagram, no framing
+        self.sends: Schedule[Pending] | None = Schedule() if datagram else None  # retransmits
         self.label = label
         self.inflight: dict[int, Pending] = {}
         self._on_answer = on_answer
@@ -86,11 +89,35 @@ class UpstreamConn:
         p.conn = self
         p.sent = time.monotonic()  # loop.time() is too coarse on uvloop for latencies
         q = p.query
-        if self.datagram:
-            self._out.append(_LEN_ID.pack(len(q), uid)[2:] + q[2:])
+        if self.sends is not None:
+            self._out.append(_ID.pack(uid) + q[2:])
+            p.retransmits = 0
+            self.sends.sent(p, 0, p.sent)
         else:
             self._out.append(_LEN_ID.pack(len(q), uid) + q[2:])
         return True
+
+    def retransmit(self, now: float, rto: float) -> int:
+        """Datagrams only: send again, under the same ID, the queries whose answer is overdue
+        (`now`: time.monotonic()); written at once. Returns how many."""
+        sends = self.sends
+        if sends is None or self.closed:
+            return 0
+        if not self.inflight:
+            sends.clear()  # only answered ones are left
+            return 0
+        inflight = self.inflight
+        n = 0
+        for p, level in sends.due(now, rto):
+            if p.conn is not self or p.retransmits != level or inflight.get(p.uid) is not p:
+                continue  # answered, timed out or moved on since
+            p.retransmits = level + 1
+            self._out.append(_ID.pack(p.uid) + p.query[2:])
+            sends.sent(p, level + 1, now)
+            n += 1
+        if n:
+            self._send_datagrams()
+        return n
 
     def send_raw(self, frame: bytes) -> None:
         """Queue a framed message of the tunnel's own (not tracked in flight)."""

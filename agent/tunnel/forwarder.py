@@ -182,7 +182,7 @@ class Tunnel:
         self.private = [u for u in ups if u.spec.private]
         self.plain = [u for u in ups if not u.spec.private]
         for up in old.values():  # marked, swept below: in-flight queries are re-routed
-            up.retired = True
+            up.retire()
             self._retired.append(up)
 
     def set_upstreams(
@@ -201,7 +201,7 @@ class Tunnel:
             LOG.info("tunnel profile %s -> %s", self.cfg.profile, profile)
             self.cfg = dataclasses.replace(self.cfg, profile=profile)
             for up in self.upstreams:
-                up.retired = True
+                up.retire()
                 self._retired.append(up)
             self.upstreams = []
         self._set(specs)
@@ -346,11 +346,7 @@ class Tunnel:
         while order and (order[0].done or order[0].deadline <= now):
             p = order.popleft()
             if not p.done:
-                if p.conn is not None:
-                    up = next((u for u in self.upstreams if u.conn is p.conn), None)
-                    if up is not None:
-                        up.stats.timeouts += 1
-                self.servfail(p)
+                self._expire(p)
         for up in self.upstreams:
             up.tick(now)
         for up in list(self._retired):
@@ -360,6 +356,19 @@ class Tunnel:
         for t in self.tcp:
             t.tick(now)
         self._update_mode()
+
+    def _expire(self, p: Pending) -> None:
+        """Its deadline passed: SERVFAIL. For a UDP client whose truncated answer is being
+        asked again over TCP, that truncated answer (as when the TCP retry fails)."""
+        for up in self.upstreams:
+            if p.conn is not None and p.conn is up.conn:
+                up.stats.timeouts += 1
+                break
+            if p.tc_answer is not None and up.tcp is not None and up.tcp.holds(p):
+                up.stats.timeouts += 1
+                up.tcp_failed([p])
+                return
+        self.servfail(p)
 
     # -- mode --------------------------------------------------------------------------------
     def _nothing_available(self) -> bool:

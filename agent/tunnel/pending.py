@@ -38,8 +38,10 @@ class Pending:
         "info",
         "query",
         "resends",
+        "retransmits",
         "sent",
         "sink",
+        "tc_answer",
         "tried",
         "uid",
     )
@@ -53,9 +55,12 @@ class Pending:
         self.info = info
         self.added_opt = added_opt
         self.deadline = deadline
-        self.sent = 0.0
+        self.sent = 0.0  # time.monotonic() of its send on `conn` (retransmits leave it)
         self.tried = 0  # bit i set: upstream i failed this query
         self.resends = 0  # times re-sent to the same upstream after it closed cleanly
+        self.retransmits = 0  # times sent again on a datagram upstream, for want of an answer
+        self.tc_answer: bytes | None = None  # a datagram upstream's truncated answer, kept
+        #                                      while the query is asked again over TCP
         self.uid = -1  # ID on the upstream connection
         self.conn: UpstreamConn | None = None
         self.done = False

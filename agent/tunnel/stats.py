@@ -20,6 +20,9 @@ class UpstreamStats:
     fastopen: int = 0  # connections whose SYN carried data (TCP Fast Open)
     timeouts: int = 0  # queries that got no answer in time
     mismatched: int = 0  # answers that did not match their question
+    retransmits: int = 0  # UDP only: queries sent again for want of an answer in time
+    tc_retries: int = 0  # UDP only: truncated answers asked again over TCP
+    tc_retry_failures: int = 0  # ... where TCP did not answer (the client got TC or SERVFAIL)
     _lat: array.array[float] = field(default_factory=lambda: array.array("d"))
     _next: int = 0
 

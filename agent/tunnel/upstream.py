@@ -6,6 +6,9 @@
 
 A recovering upstream gets no client queries until it is UP again; a clean close
 by the server (RFC 7766 allows it at any time) is not a failure.
+
+Plain UDP (the captive-portal exception) resends what gets no answer in time (see
+retransmit.py) and asks again over TCP what comes back truncated (`TcpRetry`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -27,6 +32,7 @@ from agent.model import AuthSpec, Method, UpstreamSpec
 from agent.tls import check_peer, context_for
 from agent.tunnel.connection import UpstreamConn
 from agent.tunnel.pending import Pending
+from agent.tunnel.retransmit import RttEstimator
 from agent.tunnel.stats import UpstreamStats
 
 if TYPE_CHECKING:
@@ -71,6 +77,8 @@ class Upstream:
         self.session: object | None = None  # ssl.SSLSession, for resumption
         self.keepalive: float | None = None  # the server's edns-tcp-keepalive, seconds
         self.stats = UpstreamStats()
+        self.rtt = RttEstimator()  # datagrams only: when to retransmit
+        self.tcp: TcpRetry | None = None  # datagrams only: for truncated answers, made when needed
         self.retired = False
         self._task: asyncio.Task[None] | None = None
         self._hello: Pending | None = None
@@ -159,15 +167,16 @@ class Upstream:
             sock.close()
             self._failed(Unreachable(f"UDP to {self.spec.address}: {exc.strerror or exc}"))
             return
-        self._install(UpstreamConn(sock, None, label=str(self.spec), on_answer=self._on_answer,
-                                   on_lost=self._on_lost, datagram=True))  # fmt: skip
+        self._install(UpstreamConn(sock, None, label=str(self.spec),
+                                   on_answer=self._on_datagram_answer, on_lost=self._on_lost,
+                                   datagram=True))  # fmt: skip
 
     def _up(self, c: Connection) -> None:
         if self.retired:  # dropped from the order while connecting
             c.close()
             self._to(State.IDLE)
             queued, self.queue = self.queue, []
-            self.tunnel.reroute(queued, None)
+            self._reroute(queued, None)
             return
         conn = UpstreamConn(
             c.sock, c.tls, label=str(self.spec), on_answer=self._on_answer, on_lost=self._on_lost
@@ -223,7 +232,11 @@ class Upstream:
         LOG.warning("%s: %s; not used for %.0f s", self.spec, exc.detail, backoff)
         queued, self.queue = self.queue, []
         self.tunnel.upstream_changed(self)
-        self.tunnel.reroute(queued, self)
+        self._reroute(queued, self)
+
+    def _reroute(self, pendings: Sequence[Pending], failed: Upstream | None) -> None:
+        """Queries this upstream gives up on: to the next in the order."""
+        self.tunnel.reroute(pendings, failed)
 
     # -- the live connection -------------------------------------------------------
     def _on_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
@@ -238,6 +251,52 @@ class Upstream:
             return
         conn.progress += 1
         self.tunnel.on_answer(self, p, frame)
+
+    def _on_datagram_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
+        if p is None:
+            return
+        if not p.retransmits:
+            self.rtt.sample(time.monotonic() - p.sent)
+        if (
+            (frame[2] << 8 | frame[3]) & packet.TC
+            and not (p.sink.udp and packet.udp_limit(p.info) <= packet.UDP_DEFAULT)
+            and packet.question_matches(p.query, p.info, frame)
+        ):  # (a UDP client without EDNS could not take the whole answer anyway)
+            self._retry_over_tcp(p, frame)
+            return
+        conn.progress += 1
+        self.tunnel.on_answer(self, p, frame)
+
+    def _retry_over_tcp(self, p: Pending, frame: bytes) -> None:
+        """A truncated answer over UDP: ask the same server again over TCP (RFC 7766 5)."""
+        self.stats.tc_retries += 1
+        p.tc_answer = frame
+        p.conn = None  # off the datagram connection (its answer took it out of inflight)
+        tcp = self.tcp
+        if tcp is None:
+            tcp = self.tcp = TcpRetry(self)
+        if tcp.available:
+            tcp.submit(p, self.loop.time())
+        else:  # failed a moment ago, in backoff: not tried again for every truncated answer
+            self.tcp_failed([p])
+
+    def tcp_failed(self, pendings: Sequence[Pending]) -> None:
+        """The TCP retry of truncated answers did not work. A UDP client gets the truncated
+        answer as it came (it may retry over TCP itself: to us, then SERVFAIL if TCP still
+        fails); a TCP client gets SERVFAIL: a truncated answer over TCP is of no use to it.
+        Once this upstream is retired, they are asked again in the new order instead."""
+        if self.retired:
+            self.tunnel.reroute(pendings, None)
+            return
+        for p in pendings:
+            if p.done:
+                continue
+            self.stats.tc_retry_failures += 1
+            tc, p.tc_answer = p.tc_answer, None
+            if p.sink.udp and tc is not None:
+                self.tunnel.on_answer(self, p, tc)
+            else:
+                self.tunnel.servfail(p)
 
     def _learn_keepalive(self, frame: bytes) -> None:
         try:
@@ -271,7 +330,7 @@ class Upstream:
                 failed = [p for p in orphans if p.resends > 0]
             for p in again:
                 p.resends += 1
-            self.tunnel.reroute(failed, self)
+            self._reroute(failed, self)
             now = self.loop.time()
             for p in again:
                 self.submit(p, now)
@@ -281,13 +340,17 @@ class Upstream:
         self._failed(exc)
 
     def tick(self, now: float) -> None:
-        """Periodic: end backoff, close idle connections, detect stalls."""
+        """Periodic: end backoff, close idle connections, detect stalls, retransmit."""
+        if self.tcp is not None:
+            self.tcp.tick(now)
         if self.state is State.BACKOFF and now >= self.backoff_until and not self.retired:
             self.connect(recovering=True)
             return
         conn = self.conn
         if self.state is not State.UP or conn is None:
             return
+        if conn.datagram:  # on the tick: no timer per query (up to TICK late, well below RTO_MIN)
+            self.stats.retransmits += conn.retransmit(time.monotonic(), self.rtt.rto)
         if conn.inflight:
             if now - conn.busy_since > self.cfg.stall_timeout:
                 conn.lose(Timeout(f"no answer for {self.cfg.stall_timeout:.1f} s"))
@@ -310,15 +373,63 @@ class Upstream:
         conn.close()
         if self.state is State.UP:
             self._to(State.IDLE)
-        self.tunnel.reroute(orphans, None)
+        self._reroute(orphans, None)
+        if self.retired and self.tcp is not None:
+            self.tcp.close()
+
+    def retire(self) -> None:
+        """Dropped from the order: what it still holds goes elsewhere once it is closed."""
+        self.retired = True
+        if self.tcp is not None:
+            self.tcp.retired = True
 
     async def stop(self) -> None:
-        self.retired = True
+        self.retire()
+        if self.tcp is not None:
+            await self.tcp.stop()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.close()
+
+
+class TcpRetry(Upstream):
+    """Plain DNS over TCP to a UDP upstream's server (same address and port), for the answers
+    that came back truncated over UDP. The plain-TCP path of the order, reused: one
+    connection, pipelined, closed when idle.
+
+    It lives beside its UDP upstream, outside the order: it takes no client query of its
+    own, and what it cannot answer goes back to that upstream (`tcp_failed`). It is
+    ticked, retired and closed with that upstream.
+    """
+
+    def __init__(self, owner: Upstream) -> None:
+        spec = UpstreamSpec(owner.spec.address, Method.TCP_PLAIN, owner.spec.port)
+        super().__init__(spec, owner.index, owner.auth, owner.tunnel)
+        self.owner = owner
+        self.bit = 0  # not in the order: marks no query as tried
+
+    def _reroute(self, pendings: Sequence[Pending], failed: Upstream | None) -> None:
+        self.owner.tcp_failed(pendings)
+
+    def holds(self, p: Pending) -> bool:
+        """Is `p` in flight here, or waiting for the connection?"""
+        return (p.conn is not None and p.conn is self.conn) or p in self.queue
+
+    def _on_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
+        if p is None:
+            return
+        conn.progress += 1
+        p.tc_answer = None
+        self.tunnel.on_answer(self.owner, p, frame)  # counted as its UDP upstream's answer
+
+    def tick(self, now: float) -> None:
+        if self.state is State.BACKOFF:
+            if now >= self.backoff_until:
+                self._to(State.IDLE)  # connects again for the next truncated answer, if any
+            return
+        super().tick(now)
 
 
 class _NoSink:

@@ -167,3 +167,49 @@ def test_dnsperf_bounded_load_loses_nothing(setup: Setup, tmp_path: Path) -> Non
     stats = setup.tunnel.statistics()
     assert stats["clients"]["servfail"] == 0
     assert stats["upstreams"][0]["connections"] <= 2  # reused, not one per query
+
+
+@pytest.fixture
+def udp_setup(certs: Certs, tmp_path: Path) -> Iterator[Setup]:
+    """The tunnel with a plain UDP upstream (the captive-portal exception) to unbound, which
+    truncates UDP answers past 1232 bytes (DNS flag day 2020), whatever the client offers."""
+    require_program("unbound")
+    dns_port, tls_port = free_port(), free_port()
+    quoted = BIG_TXT.replace('"', '\\"')
+    extra = f'    local-data: "big.lab.test. 0 IN TXT {quoted}"\n    max-udp-size: 1232'
+    cfg = UnboundConfig(
+        "127.0.0.1", dns_port, tls_port, certs.good.cert, certs.good.key, extra=extra
+    )
+    server = Unbound.start(cfg, tmp_path / "unbound")
+    try:
+        tunnel = TunnelProcess.start(
+            ["--upstream", f"udp:127.0.0.1@{dns_port}", "--profile", "opportunistic"],
+            tmp_path / "tunnel.log",
+            host="127.0.0.1",
+            port=free_port(),
+        )
+        try:
+            yield Setup(tunnel, "unbound")
+        finally:
+            tunnel.stop()
+    finally:
+        server.stop()
+
+
+def test_udp_upstream_truncated_answers_come_whole_over_tcp(udp_setup: Setup) -> None:
+    setup = udp_setup
+    tc = re.compile(r"flags:[^;]*\btc\b")
+    full = dig(setup, "+tcp", "big.lab.test", "TXT")  # the client over TCP: the whole answer
+    assert "z" * 250 in full and not tc.search(full), full
+    roomy = dig(setup, "+ignore", "+bufsize=4096", "big.lab.test", "TXT")  # UDP, room for it
+    assert "z" * 250 in roomy and not tc.search(roomy), roomy
+    small = dig(setup, "+ignore", "+bufsize=1232", "big.lab.test", "TXT")  # UDP, no room
+    assert tc.search(small) and "z" * 250 not in small, small
+    assert dig(setup, "+short", "www.lab.test", "A").split() == [WWW_A]
+    stats = setup.tunnel.statistics()
+    up = stats["upstreams"][0]
+    assert up["upstream"].startswith("udp-plain:")
+    assert up["tc_retries"] == 3 and up["tc_retry_failures"] == 0, up
+    assert up["answers"] == 4 and up["retransmits"] == 0, up
+    assert stats["clients"]["truncated"] == 1 and stats["clients"]["servfail"] == 0
+    assert stats["mode"] == "cleartext"

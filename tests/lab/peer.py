@@ -61,6 +61,7 @@ class Fault(StrEnum):
     TRUNCATED = "truncated"  # answers cut short (frame promises more), then close
     MISMATCHED = "mismatched"  # answers carry another message ID
     BLACKHOLE_TLS = "blackhole-tls"  # TLS port swallows SYNs: no SYN-ACK ever
+    SILENT_TCP = "silent-tcp"  # plain TCP: connections accepted, queries read, never answered
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class PeerConfig:
     close_after: int | None = None  # close each TCP/TLS connection after that many queries,
     #                                 with the last ones unanswered ("closes mid-flight")
     keepalive: float | None = None  # edns-tcp-keepalive to offer when asked (seconds)
+    drop_udp: int = 0  # drop the first N datagrams of each question (name, type), like a
+    #                    lossy link: unseen, unanswered (counted in `udp_dropped`)
 
 
 class Blackhole:
@@ -184,6 +187,8 @@ class Peer:
         self.handshakes = 0
         self.resumed = 0  # TLS handshakes that resumed a session
         self.open_connections = 0
+        self.udp_dropped = 0
+        self._udp_arrivals: dict[tuple[str, int], int] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._blackhole: Blackhole | None = None
@@ -284,6 +289,13 @@ class Peer:
             query = dns.message.from_wire(data)
         except Exception:  # a test peer ignores junk, like a server would
             return
+        if self.config.drop_udp and query.question:
+            q = query.question[0]
+            key = (q.name.to_text().lower(), q.rdtype)
+            arrived = self._udp_arrivals[key] = self._udp_arrivals.get(key, 0) + 1
+            if arrived <= self.config.drop_udp:
+                self.udp_dropped += 1
+                return
         self._record("udp", query)
         to = self.config.udp_to and has_to(query)
         wire = self._wire(answer(query, to=to), udp=True)
@@ -320,6 +332,11 @@ class Peer:
             _reset(writer)
             return
         cfg = self.config
+        if Fault.SILENT_TCP in cfg.faults:
+            with contextlib.suppress(OSError):
+                while await reader.read(65535):
+                    pass
+            return
         frames = FrameReader()
         first: list[bytes] = []
         try:
@@ -470,6 +487,7 @@ async def _main(args: argparse.Namespace) -> None:
         delay=args.delay,
         close_after=args.close_after,
         keepalive=args.keepalive,
+        drop_udp=args.drop_udp,
     )
     peer = await Peer(config).start()
     print(json.dumps({"dns_port": peer.dns_port, "tls_port": peer.tls_port}), flush=True)
@@ -494,6 +512,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--close-after", type=int)
     parser.add_argument("--keepalive", type=float)
+    parser.add_argument("--drop-udp", type=int, default=0, metavar="N")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_main(args))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import cli
 from agent.cli import EXIT_NOT_PRIVATE, EXIT_OK, EXIT_USAGE, main
 from tests.conftest import Certs
 from tests.lab.netns import REPO
@@ -111,3 +112,35 @@ def test_python_dash_m_agent_is_the_command() -> None:
     )
     assert proc.returncode == 0
     assert proc.stdout.startswith("dnstls-agent ")
+
+
+def test_status_text_shows_search_stub_trouble_and_udp_counters() -> None:
+    st = {
+        "profile": "opportunistic",
+        "reason": "portal",
+        "order": ["udp-plain:198.51.100.1@53"],
+        "search": ["lab.example"],
+        "stub": {"error": "resolvconf -a failed"},
+        "tunnel": {
+            "mode": "cleartext",
+            "listen": ["127.0.0.153:53"],
+            "upstreams": [
+                {
+                    "upstream": "udp-plain:198.51.100.1@53",
+                    "state": "up",
+                    "queries": 9,
+                    "failures": 0,
+                    "resumptions": 0,
+                    "p50_ms": 1.5,
+                    "retransmits": 2,
+                    "tc_retries": 1,
+                },
+            ],
+        },
+    }
+    text = cli.format_status(st)
+    assert "search domains: lab.example" in text
+    assert "WARNING system stub: the last refresh failed: resolvconf -a failed" in text
+    assert "2 resent, 1 truncated asked again over TCP" in text
+    quiet = cli.format_status({**st, "search": [], "stub": {"error": None}})
+    assert "search domains: none" in quiet and "WARNING" not in quiet

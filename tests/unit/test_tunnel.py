@@ -27,6 +27,7 @@ from agent.errors import UsageError
 from agent.model import Method, Profile, UpstreamSpec
 from agent.tunnel import Tunnel, TunnelConfig
 from agent.tunnel.forwarder import Mode
+from agent.tunnel.retransmit import MAX_RETRANSMITS, RTO_INITIAL, RTO_MIN
 from agent.tunnel.upstream import State
 from tests.conftest import Certs, run
 from tests.lab.certs import CertFiles
@@ -494,5 +495,155 @@ def test_plain_udp_upstream_for_the_portal_exception(certs: Certs) -> None:
                 assert t.mode is Mode.CLEARTEXT
             with pytest.raises(UsageError, match="never sends cleartext"):
                 Tunnel(TunnelConfig(upstreams=(udp,), profile=Profile.STRICT))
+
+    run(go())
+
+
+def _udp_upstream(p: Peer) -> UpstreamSpec:
+    return UpstreamSpec(HOST, Method.UDP_PLAIN, p.dns_port)
+
+
+def test_udp_upstream_retransmits_lost_datagrams(certs: Certs) -> None:
+    """Two lost datagrams cost two resends under the same ID, not a SERVFAIL at the deadline."""
+
+    async def go() -> None:
+        async with peer(None, tls_port=None, drop_udp=2) as p, tunnel(_udp_upstream(p)) as t:
+            up = t.upstreams[0]
+            assert up.rtt.rto == RTO_INITIAL  # nothing learnt yet
+            # the first query: resent RTO_INITIAL and 3 x RTO_INITIAL after its first send
+            assert a_of(await ask(t, "warm.test")) == PEER_A  # dropped twice, then answered
+            assert up.stats.retransmits == 2 and p.udp_dropped == 2
+            assert up.rtt.rto == RTO_INITIAL  # an answer to a resent query is no RTT sample
+            assert a_of(await ask(t, "warm.test")) == PEER_A  # not dropped: once is enough
+            assert up.stats.retransmits == 2
+            assert up.rtt.rto == RTO_MIN  # loopback: the floor from now on
+            r = await ask(t, "lossy.test", tcp=True)
+            assert a_of(r) == PEER_A
+            assert up.stats.retransmits == 4 and p.udp_dropped == 4
+            assert [s.qname for s in p.seen] == ["warm.test.", "warm.test.", "lossy.test."]
+            assert up.stats.timeouts == 0 and t.stats.servfail == 0
+            assert up.stats.answers == 3 and up.state is State.UP
+
+    run(go())
+
+
+def test_udp_upstream_slow_answer_resent_once_answered_once(certs: Certs) -> None:
+    """A query slower than the timeout is resent; both copies are answered, the client gets
+    one answer and the late one is dropped."""
+
+    async def go() -> None:
+        async with peer(None, tls_port=None) as p, tunnel(_udp_upstream(p)) as t:
+            up = t.upstreams[0]
+            assert a_of(await ask(t, "warm.test")) == PEER_A
+            assert up.rtt.rto == RTO_MIN
+            host, port = t.addresses[0]
+            loop = asyncio.get_running_loop()
+            q = dns.message.make_query("delay-500.slow.test", "A")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.setblocking(False)
+                await loop.sock_connect(s, (host, port))
+                await loop.sock_sendall(s, q.to_wire())
+                r = dns.message.from_wire(await loop.sock_recv(s, 512))
+                assert q.is_response(r) and a_of(r) == PEER_A
+                for _ in range(100):  # until the peer has answered both copies
+                    await asyncio.sleep(0.02)
+                    copies = [x for x in p.seen if x.qname.startswith("delay")]
+                    if len(copies) == 2 and not p._tasks:
+                        break
+                await asyncio.sleep(0.1)  # the late answer reaches the tunnel, which drops it
+                with pytest.raises(BlockingIOError):
+                    s.recv(512)  # no second answer
+            assert up.stats.retransmits == 1  # at RTO_MIN; the next would be due after 0.6 s
+            assert up.stats.answers == 2 and t.stats.answered == 2
+            assert up.rtt.rto == RTO_MIN  # the answer to a resent query taught nothing
+
+    run(go())
+
+
+def test_udp_upstream_retransmits_a_bounded_number_of_times(certs: Certs) -> None:
+    async def go() -> None:
+        async with (
+            peer(None, tls_port=None, drop_udp=99) as p,
+            tunnel(_udp_upstream(p), query_timeout=4.0, stall_timeout=10) as t,
+        ):
+            up = t.upstreams[0]
+            up.rtt.sample(0.001)  # as if warmed up on loopback: the timeout is RTO_MIN
+            r = await ask(t, "gone.test", wait=6)
+            assert r.rcode() == dns.rcode.SERVFAIL  # the deadline: every send was lost
+            # resent at 0.2, 0.6 and 1.4 s; a fourth (at 3 s) would fit the deadline
+            assert up.stats.retransmits == MAX_RETRANSMITS == 3
+            assert p.udp_dropped == MAX_RETRANSMITS + 1 and p.seen == []
+            assert up.stats.timeouts == 1
+
+    run(go())
+
+
+def test_udp_upstream_truncated_answer_is_asked_again_over_tcp(certs: Certs) -> None:
+    async def go() -> None:
+        async with peer(None, tls_port=None) as p, tunnel(_udp_upstream(p)) as t:
+            up = t.upstreams[0]
+            r = await ask(t, "big-3000.test", "TXT", tcp=True)  # the peer truncates over UDP
+            assert not r.flags & dns.flags.TC and r.rcode() == dns.rcode.NOERROR
+            assert sum(len(s) for s in r.answer[0][0].strings) >= 3000
+            assert [s.via for s in p.seen] == ["udp", "tcp"]
+            # a UDP client with room for it gets the whole answer, over UDP
+            r = await ask(t, "big-2000.test", "TXT", use_edns=0, payload=4096)
+            assert not r.flags & dns.flags.TC and r.answer
+            # one without room gets TC=1 from the tunnel, as for any answer too large for it
+            r = await ask(t, "big-3000.test", "TXT", use_edns=0, payload=1232)
+            assert r.flags & dns.flags.TC and not r.answer
+            assert up.stats.tc_retries == 3 and up.stats.tc_retry_failures == 0
+            assert t.stats.truncated == 1
+            assert [s.via for s in p.seen] == ["udp", "tcp"] * 3
+            # a UDP client without EDNS (512 bytes) could never take what the server truncated:
+            # its truncated answer goes back at once
+            r = await ask(t, "big-3000.test", "TXT", use_edns=False)
+            assert r.flags & dns.flags.TC and not r.answer and r.edns == -1
+            assert up.stats.tc_retries == 3 and [s.via for s in p.seen][6:] == ["udp"]
+            assert p.connections == 1  # one TCP connection, reused
+            assert up.stats.answers == 4 and t.stats.servfail == 0
+            # answers that fit are not asked again
+            assert a_of(await ask(t, "small.test", tcp=True)) == PEER_A
+            assert up.stats.tc_retries == 3
+
+    run(go())
+
+
+def test_udp_upstream_truncated_and_tcp_fails(certs: Certs) -> None:
+    """TCP to the server does not work: UDP clients get the truncated answer as it came (they
+    may retry over TCP themselves), TCP clients SERVFAIL; the UDP upstream stays up."""
+
+    async def go() -> None:
+        async with peer(None, Fault.RESET, tls_port=None) as p, tunnel(_udp_upstream(p)) as t:
+            up = t.upstreams[0]
+            r = await ask(t, "big-3000.test", "TXT", tcp=True)
+            assert r.rcode() == dns.rcode.SERVFAIL
+            r = await ask(t, "big-3000.test", "TXT", use_edns=0, payload=1232)
+            assert r.flags & dns.flags.TC and r.rcode() == dns.rcode.NOERROR
+            assert up.stats.tc_retries == 2 and up.stats.tc_retry_failures == 2
+            assert p.connections >= 1  # it did try
+            assert up.state is State.UP and t.mode is Mode.CLEARTEXT
+            assert a_of(await ask(t, "small.test", tcp=True)) == PEER_A
+
+    run(go())
+
+
+def test_udp_upstream_truncated_and_tcp_never_answers(certs: Certs) -> None:
+    """The TCP retry is still waiting at the deadline: the same as a failed one."""
+
+    async def go() -> None:
+        async with (
+            peer(None, Fault.SILENT_TCP, tls_port=None) as p,
+            tunnel(_udp_upstream(p), query_timeout=0.5) as t,
+        ):
+            up = t.upstreams[0]
+            udp_client = ask(t, "big-3000.test", "TXT", use_edns=0, payload=1232)
+            tcp_client = ask(t, "big-3000.test", "TXT", tcp=True)
+            r_udp, r_tcp = await asyncio.gather(udp_client, tcp_client)
+            assert r_udp.flags & dns.flags.TC and r_udp.rcode() == dns.rcode.NOERROR
+            assert r_tcp.rcode() == dns.rcode.SERVFAIL
+            assert up.stats.tc_retries == 2 and up.stats.tc_retry_failures == 2
+            assert up.stats.timeouts == 2
+            assert [s.via for s in p.seen] == ["udp", "udp"]  # TCP read, never answered
 
     run(go())
