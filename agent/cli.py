@@ -486,6 +486,9 @@ def format_status(st: dict[str, Any]) -> str:
         f"connectivity: {st.get('connectivity')}",
         "order: " + (", ".join(st.get("order", [])) or "none"),
     ]
+    if st.get("held_until"):
+        until = time.strftime("%H:%M:%S", time.localtime(st["held_until"]))
+        lines.append(f"no interface has resolvers now: the order above is kept until {until}")
     if st.get("portal_until"):
         until = time.strftime("%H:%M:%S", time.localtime(st["portal_until"]))
         lines.append(f"captive portal exception (cleartext DNS for the login) until {until}")

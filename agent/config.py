@@ -182,11 +182,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "debounce",
         float,
-        0.2,
+        0.1,
         Scope.GLOBAL,
         "Seconds to wait for more network events before acting on them.",
         _seconds(0, 10),
-        "0.2",
+        "0.1",
     ),
     Option(
         "max_parallel_probes",
@@ -424,7 +424,7 @@ class Config:
     nm_bus: str = ""
     netlink: bool = True
     lease_dirs: tuple[str, ...] = ("/var/lib/dhcp", "/run/systemd/netif/leases")
-    debounce: float = 0.2
+    debounce: float = 0.1
     max_parallel_probes: int = 8
     idle_timeout: float = 60.0
     split_dns: bool = False

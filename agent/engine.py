@@ -34,6 +34,13 @@ from agent.watchers.nm import NMSnapshot
 
 LOG = logging.getLogger(__name__)
 
+# When the last interface with resolvers loses them (NetworkManager re-activating a device:
+# its DNS configuration is empty for 30-250 ms, longer on real DHCP), the order that served
+# is kept this long before the tunnel is emptied (which answers SERVFAIL at once): measured
+# with bench/lease_to_answer.py --loss, an empty order in between failed every query sent
+# in that window. Only the order already in use is kept: nothing less private than before.
+HOLD_EMPTY = 2.0
+
 Prober = Callable[[str, ProbeSettings], Awaitable[ProbeResult]]
 
 
@@ -102,6 +109,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         on_warnings: Callable[[list[Warning], list[Warning]], None] | None = None,
         on_search: Callable[[tuple[str, ...]], None] | None = None,
+        hold_empty: float = HOLD_EMPTY,
     ) -> None:
         self.config = config
         self.tunnel = tunnel
@@ -118,6 +126,8 @@ class Engine:
         self.portal_until = 0.0  # the end of a user-allowed captive-portal exception
         self.plan: Plan | None = None
         self.applied: tuple[Any, ...] | None = None
+        self.hold_empty = hold_empty
+        self.held_until: float | None = None  # the order in use kept while no link has resolvers
         self.warnings: list[Warning] = []
         self.joined: dict[str, float] = {}  # network -> when it appeared (wall clock)
         self.probing: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -185,9 +195,9 @@ class Engine:
         self._dirty.set()
         try:
             while True:
-                timeout = None
-                if self.plan is not None and self.plan.wake_at is not None:
-                    timeout = max(0.0, self.plan.wake_at - self.clock())
+                plan_wake = self.plan.wake_at if self.plan is not None else None
+                wake = [t for t in (plan_wake, self.held_until) if t is not None]
+                timeout = max(0.0, min(wake) - self.clock()) if wake else None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._dirty.wait(), timeout)
                 await asyncio.sleep(self.config.debounce)
@@ -239,7 +249,7 @@ class Engine:
     def _apply(self, plan: Plan, links: list[Link]) -> None:
         routes = tuple((r.domain, r.upstreams) for r in plan.routes)
         wanted = (plan.profile, plan.upstreams, routes)
-        if wanted == self.applied:
+        if wanted == self.applied or self._holding(plan, links):
             return
         self.applied = wanted
         LOG.info(
@@ -254,6 +264,37 @@ class Engine:
             if mine and self.state.orders.get(net) != mine:
                 self.state.orders[net] = mine
                 self._save_due = True
+
+    def _in_use(self, plan: Plan | None) -> Sequence[UpstreamSpec]:
+        """The order the tunnel has: the plan's, or the one kept while held."""
+        if self.held_until is not None and self.applied is not None:
+            held: Sequence[UpstreamSpec] = self.applied[1]
+            return held
+        return plan.upstreams if plan else ()
+
+    def _holding(self, plan: Plan, links: list[Link]) -> bool:
+        """Keep the order in use a moment when the plan is empty only because no interface
+        has resolvers just now (HOLD_EMPTY)."""
+        gone = (
+            not plan.upstreams
+            and self.applied is not None
+            and bool(self.applied[1])
+            and not any(link.up and link.resolvers for link in links)
+        )
+        if not gone:
+            self.held_until = None
+            return False
+        now = self.clock()
+        if self.held_until is None:
+            self.held_until = now + self.hold_empty
+            LOG.info(
+                "no interface has resolvers: the order in use is kept %.1f s (re-activating?)",
+                self.hold_empty,
+            )
+        if now < self.held_until:
+            return True
+        self.held_until = None
+        return False
 
     def _warn(self, warnings: list[Warning]) -> None:
         old = {(w.alert, w.ifname, w.address) for w in self.warnings}
@@ -341,13 +382,14 @@ class Engine:
         return {
             "profile": plan.profile.value if plan and plan.profile else None,
             "reason": plan.reason if plan else "starting",
-            "order": [str(u) for u in plan.upstreams] if plan else [],
+            "order": [str(u) for u in self._in_use(plan)],
             "routes": {r.domain: [str(u) for u in r.upstreams] for r in plan.routes}
             if plan
             else {},
             "connectivity": self.connectivity,
             "portal_until": self.portal_until or None,
             "search": list(self.search or ()),
+            "held_until": self.held_until,
             "warnings": [
                 {"alert": w.alert.value, "interface": w.ifname, "text": w.text}
                 for w in self.warnings

@@ -29,7 +29,7 @@ after the first answer from the new resolver, each counted as answered by the ol
 new resolver, or failed (SERVFAIL, REFUSED, no answer within 5 s: longer than the tunnel's
 own deadline, so a timeout is a question the tunnel dropped, ...).
 
-    python bench/lease_to_answer.py [--rounds 10] [--debounce default,0.1,0.05]
+    python bench/lease_to_answer.py [--rounds 10] [--debounce default,0.2,0.05]
                                     [--loss [udp,tcp]]                              (root)
 """
 
@@ -382,7 +382,7 @@ def main() -> None:
     ap.add_argument(
         "--debounce",
         type=parse_debounce,
-        default=parse_debounce("default,0.1,0.05"),
+        default=parse_debounce("default,0.2,0.05"),
         help="engine debounce values in seconds (or 'default'), the first one the baseline",
     )
     ap.add_argument("--interval", type=float, default=0.005, help="seconds between queries")

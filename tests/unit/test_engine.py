@@ -77,7 +77,9 @@ async def started(
 ) -> tuple[Engine, Tunnel, asyncio.Task[None]]:
     tunnel = Tunnel(TunnelConfig(upstreams=(), listen=(("127.0.0.1", 0),)))
     await tunnel.start()
-    engine = Engine(config, tunnel, Store(tmp), prober=prober, own_addresses={"127.0.0.1"})
+    engine = Engine(  # no hold of an emptied order here: see the test of its own
+        config, tunnel, Store(tmp), prober=prober, own_addresses={"127.0.0.1"}, hold_empty=0
+    )
     return engine, tunnel, asyncio.create_task(engine.run())
 
 
@@ -250,6 +252,44 @@ def test_portal_allow_needs_a_portal(tmp_path: Path) -> None:
             engine.on_nm(NMSnapshot({"eth0": eth0(A)}, "full"))
             with pytest.raises(UsageError, match="no captive portal"):
                 engine.allow_portal(5)
+        finally:
+            await stopped(tunnel, task)
+
+    run(go())
+
+
+def test_the_order_in_use_is_kept_a_moment_while_no_link_has_resolvers(tmp_path: Path) -> None:
+    """NM re-activating a device: its DNS is empty for a moment. The tunnel keeps the order
+    that served (not an empty one, which fails every query) unless it lasts."""
+
+    async def go() -> None:
+        prober = FakeProber({A: Method.TLS_PORT, B: Method.TLS_PORT})
+        tunnel = Tunnel(TunnelConfig(upstreams=(), listen=(("127.0.0.1", 0),)))
+        await tunnel.start()
+        engine = Engine(cfg(), tunnel, Store(tmp_path), prober=prober, hold_empty=0.3)
+        task = asyncio.create_task(engine.run())
+
+        def in_tunnel() -> list[str]:
+            return sorted({u.spec.address for u in tunnel.upstreams})
+
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+            await settle(engine)
+            assert in_tunnel() == [A]
+            engine.on_nm(NMSnapshot({"eth0": eth0()}))  # deactivating: no DNS for a moment
+            await settle(engine)
+            assert engine.plan is not None and engine.plan.upstreams == ()
+            assert in_tunnel() == [A] and engine.held_until is not None
+            assert engine.status()["order"][0] == "tls-port:198.51.100.1@853"
+            engine.on_nm(NMSnapshot({"eth0": eth0(B)}))  # activated: the new lease
+            await settle(engine)
+            assert in_tunnel() == [B] and engine.held_until is None
+            engine.on_nm(NMSnapshot({}))  # the interface is gone for good
+            await settle(engine)
+            assert in_tunnel() == [B]
+            await asyncio.sleep(0.4)  # past the hold: emptied by the engine's own wake-up
+            assert in_tunnel() == [] and engine.held_until is None
+            assert engine.status()["order"] == []
         finally:
             await stopped(tunnel, task)
 
