@@ -16,13 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from agent import __version__, config, control, daemon, sysconf
+from agent import __version__, config, control
 from agent.control import SOCKET_NAME
 from agent.errors import AgentError, UsageError
 from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile, UpstreamSpec
-from agent.notifications import DesktopNotifier
 from agent.probe import probe_many
-from agent.sysconf import request
 from agent.tls import parse_pin
 from agent.tunnel import Tunnel, TunnelConfig
 from agent.tunnel.forwarder import DEFAULT_LISTEN
@@ -375,7 +373,12 @@ def _socket(args: argparse.Namespace) -> Path:
     return Path(runtime) / SOCKET_NAME
 
 
+# The daemon's and the stub's modules are imported by the commands that use them: the
+# netlink watcher's pyroute2 alone costs 24 MiB of memory, and D-Bus another 5, which
+# `tunnel` (a forwarder on its own, like stubby) and the small commands do not need.
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent import daemon  # noqa: PLC0415 (see above)
+
     cfg = daemon.load_or_explain(args.config)
     failure = asyncio.run(daemon.run(cfg, args.config))
     if failure:
@@ -385,6 +388,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stub(args: argparse.Namespace) -> int:
+    from agent import daemon, sysconf  # noqa: PLC0415 (see cmd_run)
+    from agent.sysconf import request  # noqa: PLC0415
+
     cfg = daemon.load_or_explain(args.config)
     backend = sysconf.choose(cfg.stub_backend, nm_bus=cfg.nm_bus or None)
     address = cfg.listen[0][0]
@@ -413,6 +419,8 @@ def cmd_stub(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from agent import sysconf  # noqa: PLC0415 (see cmd_run)
+
     try:
         state_dir = config.load(args.config).state_dir
     except config.ConfigError:
@@ -443,6 +451,8 @@ def cmd_notifications(args: argparse.Namespace) -> int:
 
 
 async def _relay_warnings(path: Path, interval: float, *, once: bool) -> int:
+    from agent.notifications import DesktopNotifier  # noqa: PLC0415 (see cmd_run)
+
     notifier = DesktopNotifier()
     shown: set[tuple[str, str]] = set()
     try:
