@@ -7,8 +7,10 @@ in DNS wire form or as text: TLS records never contain them, so a hit is clearte
 
 from __future__ import annotations
 
+import secrets
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +33,39 @@ def wire_name(name: str) -> bytes:
     return b"".join(bytes([len(label)]) + label.encode() for label in name.strip(".").split("."))
 
 
+# Sent last, out of the captured interface: once the pcap holds it, it holds everything
+# sent before (tcpdump reads the interface's packets in order).
+_MARKER_SENDER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[1].encode())
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.sendto(sys.argv[2].encode(), ("255.255.255.255", 9))
+"""
+
+
 class Capture:
     def __init__(self, ns: Netns, ifname: str, path: Path) -> None:
-        self.path = path
-        argv = [need("tcpdump"), "-i", ifname, "-U", "-n", "-s", "0", "-w", str(path), "ip or ip6"]
+        self.ns, self.ifname, self.path = ns, ifname, path
+        # --immediate-mode: without it libpcap hands tcpdump packets in blocks, up to a
+        # second late, and a capture stopped in between loses what crossed last
+        argv = [need("tcpdump"), "-i", ifname, "--immediate-mode", "-U", "-n", "-s", "0",
+                "-w", str(path), "ip or ip6"]  # fmt: skip
         self.proc: Process = ns.start(argv, path.with_suffix(".log"))
         self.proc.wait_until(lambda: "listening on" in self.proc.log.read_text(), 10, "tcpdump")
 
-    def stop(self) -> list[Packet]:
-        time.sleep(0.2)  # what is in flight
+    def stop(self, timeout: float = 10.0) -> list[Packet]:
+        """Stop once everything that crossed is in the file (a marker sent last is)."""
+        time.sleep(0.1)  # answers in flight
+        marker = f"dnstls-capture-end-{secrets.token_hex(8)}".encode()
+        self.ns.run([sys.executable, "-c", _MARKER_SENDER, self.ifname, marker.decode()])
+        end = time.monotonic() + timeout
+        while marker not in self.path.read_bytes():
+            if time.monotonic() > end:
+                raise AssertionError(f"tcpdump did not capture its end marker in {timeout} s")
+            time.sleep(0.02)
         self.proc.stop()
-        return packets(self.path)
+        return [p for p in packets(self.path) if p.payload != marker]
 
 
 def packets(path: Path) -> list[Packet]:
