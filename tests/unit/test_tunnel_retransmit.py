@@ -22,6 +22,7 @@ from agent.tunnel.retransmit import (
     Schedule,
     wait,
 )
+from agent.tunnel.upstream import _NoSink
 from tests.conftest import run
 
 # -- the timeout --------------------------------------------------------------------------------
@@ -103,17 +104,8 @@ def _pending(name: str) -> Pending:
     return Pending(_Sink(), None, wire, packet.parse_query(wire), False, float("inf"))
 
 
-class _Sink:
+class _Sink(_NoSink):
     udp = True
-
-    def admit(self, addr: object) -> bool:
-        return True
-
-    def deliver(self, wire: bytes, addr: object) -> None:
-        pass
-
-    def done(self, addr: object) -> None:
-        pass
 
 
 def test_datagram_connection_resends_same_id_then_stops() -> None:
