@@ -27,7 +27,7 @@ from agent.model import Profile
 from agent.notifications import DesktopNotifier
 from agent.policy import Warning
 from agent.state import Store
-from agent.sysconf import request
+from agent.sysconf import request as stub_request
 from agent.sysconf.watch import ResolvConfWatch
 from agent.tunnel import Tunnel, TunnelConfig
 from agent.watchers.leases import LeaseWatcher
@@ -118,7 +118,7 @@ class Daemon:
             return
         search = self._search()
         try:
-            request.write(Path(self.cfg.runtime_dir), search, reason)
+            stub_request.write(Path(self.cfg.runtime_dir), search, reason)
         except OSError as exc:
             LOG.warning("could not ask for a refresh of the system stub: %s", exc)
         self.stub["asked"] = {"reason": reason, "search": list(search), "at": time.time()}
@@ -131,14 +131,14 @@ class Daemon:
         self._refreshing = asyncio.create_task(self._refresh(), name="stub refresh")
 
     def _search(self) -> tuple[str, ...]:
-        """The engine's search domains that root will accept (request.domain)."""
+        """The engine's search domains that root will accept (stub_request.domain)."""
         out: list[str] = []
         for d in (self.engine.search if self.engine else None) or ():
             try:
-                out.append(request.domain(d))
+                out.append(stub_request.domain(d))
             except ValueError as exc:
                 LOG.warning("search domain left out of the system stub: %s", exc)
-        return tuple(dict.fromkeys(out))[: request.MAX_DOMAINS]
+        return tuple(dict.fromkeys(out))[: stub_request.MAX_DOMAINS]
 
     async def _refresh(self) -> None:
         while True:
