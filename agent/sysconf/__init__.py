@@ -26,7 +26,6 @@ from agent.sysconf.resolved import ResolvedBackend
 
 LOG = logging.getLogger(__name__)
 
-JOURNAL = "stub.json"
 LOCK = "stub.lock"
 
 

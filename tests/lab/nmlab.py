@@ -56,22 +56,20 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
+from agent.dbus import blocking
 from tests.lab.netns import REPO, SRV_IPS, Netns, new_tag
 from tests.lab.proc import Process, need
-
-T = TypeVar("T")
 
 CONNECTION_UUID = "6e6d6c61-622d-4468-a370-2d6c61623031"
 CONNECTION_ID = "nmlab-dhcp"
@@ -181,35 +179,6 @@ def nameservers(config: Sequence[Mapping[str, Any]], ifname: str | None = None) 
 
 class DBusError(RuntimeError):
     """A D-Bus call answered with an error."""
-
-
-def _run_sync(make: Callable[[], Awaitable[T]], timeout: float) -> T:
-    """Run a coroutine to completion from sync code, also when called inside a running loop
-    (then in a thread with a loop of its own)."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await make()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(bounded())
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            out.append(asyncio.run(bounded()))
-        except BaseException as exc:
-            err.append(exc)
-
-    thread = threading.Thread(target=body, name="nmlab d-bus", daemon=True)
-    thread.start()
-    thread.join()
-    if err:
-        raise err[0]
-    return out[0]
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -425,7 +394,7 @@ class NMLab:
             self._start_bus()
             mark("private bus")
             self._start_nm()
-            _run_sync(lambda: self._wait_ready(mark), self.timeout + 5)
+            blocking(lambda: self._wait_ready(mark), self.timeout + 5)
         except BaseException:
             self.close()
             raise
@@ -845,7 +814,7 @@ dhcp-hostname={HOSTNAME}
         """NetworkManager comes (back) on the bus; returns once it has activated the device
         and published the DNS servers dnsmasq hands out now."""
         self._start_nm()
-        _run_sync(lambda: self._wait_ready(lambda _what: None), self.timeout)
+        blocking(lambda: self._wait_ready(lambda _what: None), self.timeout)
 
     def set_dns(
         self, servers: Sequence[str], timeout: float = 5.0, *, domain: str | None = None
@@ -899,7 +868,7 @@ dhcp-hostname={HOSTNAME}
             finally:
                 bus.disconnect()
 
-        return _run_sync(get, timeout)
+        return blocking(get, timeout)
 
     def dhcp4_options(self, timeout: float = 10) -> dict[str, str]:
         """The DHCP4Config Options of the lab's device (e.g. "domain_name_servers":
@@ -916,7 +885,7 @@ dhcp-hostname={HOSTNAME}
             finally:
                 bus.disconnect()
 
-        return _run_sync(get, timeout)
+        return blocking(get, timeout)
 
     def wait_dns(
         self, ip: str, timeout: float = 30.0, *, present: bool = True
@@ -947,7 +916,7 @@ dhcp-hostname={HOSTNAME}
                 bus.disconnect()
 
         try:
-            return _run_sync(wait, timeout)
+            return blocking(wait, timeout)
         except TimeoutError:
             raise TimeoutError(
                 f"{ip} {'not in' if present else 'still in'} DnsManager.Configuration "
