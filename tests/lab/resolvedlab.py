@@ -238,16 +238,31 @@ class ResolvedLab:
             "SYSTEMD_LOG_TARGET=console",
             str(self.package_root / BINARY),
         ]
-        log = self.nm.logs / "resolved.log"
+        log = self.nm.logs / "servicemanager.log"
         self.manager = self.nm.machine.start(
             [sys.executable, "-m", "tests.lab.servicemanager", "--unit", UNIT,
-             "--state", str(self.starts_file), *resolved],
+             "--state", str(self.starts_file), "--child-log", str(self.resolved_log), *resolved],
             log,
         )  # fmt: skip
-        manager = self.manager
-        manager.wait_until(lambda: "\nready\n" in "\n" + log.read_text(errors="replace"), 15,
-                           "servicemanager + resolved")  # fmt: skip
+        try:
+            self.manager.wait_until(
+                lambda: "ready" in log.read_text(errors="replace").splitlines(), 15,
+                "servicemanager",
+            )  # fmt: skip
+        except RuntimeError as exc:
+            raise LabError(f"{exc}\n{self._resolved_tail()}") from None
         self._wait(lambda s: True, "resolved on the bus")
+
+    @property
+    def resolved_log(self) -> Path:
+        return self.nm.logs / "resolved.log"
+
+    def _resolved_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.resolved_log.read_text(errors="replace")
+        except OSError:
+            return "(no resolved log)"
+        return "resolved's log:\n" + "\n".join(text.splitlines()[-lines:])
 
     # -- using it ------------------------------------------------------------------------------
     def _ifindex(self) -> int:
@@ -277,10 +292,15 @@ class ResolvedLab:
             except Exception as exc:  # resolved may be away for a moment
                 last = exc
             if self.manager is not None and not self.manager.alive():
-                raise LabError(f"servicemanager exited; log:\n{self.manager.tail()}")
+                raise LabError(
+                    f"servicemanager exited; log:\n{self.manager.tail()}\n{self._resolved_tail()}"
+                )
             time.sleep(0.05)
-        log = self.manager.tail(40) if self.manager else ""
-        raise TimeoutError(f"resolvedlab: no {what} (last error {last!r}); log:\n{log}")
+        log = self.manager.tail(10) if self.manager else ""
+        raise TimeoutError(
+            f"resolvedlab: no {what} (last error {last!r}); servicemanager's log:\n{log}\n"
+            f"{self._resolved_tail(40)}"
+        )
 
     def starts(self) -> int:
         try:

@@ -8,11 +8,14 @@ siblings (RestartUnit, TryRestartUnit, ReloadOrRestartUnit: resolved 252 cannot 
 when the child dies on its own (the unit's Restart=always); its SystemState is "running".
 Everything else is real.
 
-    python -m tests.lab.servicemanager --unit systemd-resolved.service --state FILE -- ARGV...
+    python -m tests.lab.servicemanager --unit systemd-resolved.service --state FILE \
+        --child-log LOG -- ARGV...
 
-It prints "ready" once the child runs and the name is owned. FILE gets one JSON line per
-start of the child ({"start": N, "pid": P, "why": ...}), for tests to count restarts.
-SIGTERM stops the child (SIGTERM, then SIGKILL after 5 s) and then this process.
+As systemd is there before its units, it owns the name first, then starts the child, then
+prints "ready" (its own output holds only its own lines: the child's go to LOG, so a
+verbose child cannot bury them). FILE gets one JSON line per start of the child
+({"start": N, "pid": P, "why": ...}), for tests to count restarts. SIGTERM, at any time,
+stops the child (SIGTERM, then SIGKILL after 5 s) and then this process.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ RESTARTS = {"RestartUnit", "TryRestartUnit", "ReloadOrRestartUnit", "ReloadOrTry
 
 
 class Supervisor:
-    def __init__(self, unit: str, argv: Sequence[str], state: Path) -> None:
+    def __init__(self, unit: str, argv: Sequence[str], state: Path, child_log: Path) -> None:
         self.unit = unit
         self.argv = list(argv)
         self.state = state
+        self.child_log = child_log
         self.child: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.jobs = 0
@@ -52,9 +56,14 @@ class Supervisor:
         self.watcher: asyncio.Task[None] | None = None
 
     async def start(self, why: str) -> None:
-        self.child = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
-        )
+        with self.child_log.open("ab") as log:
+            self.child = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.starts += 1
         with self.state.open("a") as f:
             f.write(json.dumps({"start": self.starts, "pid": self.child.pid, "why": why}) + "\n")
@@ -116,18 +125,21 @@ class Supervisor:
 
 
 async def main(args: argparse.Namespace) -> None:
-    sup = Supervisor(args.unit, args.argv, args.state)
-    bus: Any = await MessageBus(bus_type=BusType.SYSTEM).connect()
-    bus.add_message_handler(sup.on_message)
-    await sup.start("first start")
-    reply = await bus.request_name(SYSTEMD1)
-    if reply != RequestNameReply.PRIMARY_OWNER:
-        raise SystemExit(f"could not own {SYSTEMD1}: {reply}")
-    print("ready", flush=True)
+    sup = Supervisor(args.unit, args.argv, args.state, args.child_log)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    bus: Any = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    print(f"on the bus as {bus.unique_name}", flush=True)
+    bus.add_message_handler(sup.on_message)
+    async with sup.lock:  # a restart asked for before the first start waits for it
+        reply = await bus.request_name(SYSTEMD1)
+        if reply != RequestNameReply.PRIMARY_OWNER:
+            raise SystemExit(f"could not own {SYSTEMD1}: {reply}")
+        print(f"{SYSTEMD1} owned", flush=True)
+        await sup.start("first start")
+    print("ready", flush=True)
     await stop.wait()
     async with sup.lock:
         sup.stopping = True
@@ -143,6 +155,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.lab.servicemanager", description=__doc__)
     parser.add_argument("--unit", required=True)
     parser.add_argument("--state", type=Path, required=True)
+    parser.add_argument("--child-log", type=Path, required=True)
     parser.add_argument("argv", nargs="+")
     args = parser.parse_args()
     asyncio.run(main(args))
