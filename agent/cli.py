@@ -268,8 +268,10 @@ def _add_daemon(sub: Sub) -> None:
         "journalled first; `dnstls-agent restore` undoes it. The search domains are the "
         "network's, as the running daemon last asked (its runtime directory's "
         "stub-request.json). `--refresh` applies that request again, only when the stub is "
-        "pointed (the path unit dnstls-agent-stub.path runs it as root). `--show` only says "
-        "which backend would be used and what is journalled.",
+        "pointed (the path unit dnstls-agent-stub.path runs it as root). `--dhclient` is "
+        "dhclient-script's make_resolv_conf while the stub is pointed (its enter hook runs it): "
+        "the lease's file becomes what restore puts back and resolv.conf keeps pointing at the "
+        "tunnel. `--show` only says which backend would be used and what is journalled.",
     )
     how = st.add_mutually_exclusive_group()
     how.add_argument("--show", action="store_true", help="change nothing; say what would be done")
@@ -278,6 +280,12 @@ def _add_daemon(sub: Sub) -> None:
         action="store_true",
         help="apply the daemon's request again (search domains; a resolv.conf rewritten by "
         "someone else); nothing when the stub is not pointed",
+    )
+    how.add_argument(
+        "--dhclient",
+        action="store_true",
+        help="the lease in dhclient-script's environment (new_domain_name_servers, ...): "
+        "kept for restore, never written as the system's nameservers while the stub is pointed",
     )
     st.set_defaults(func=cmd_stub)
     for name, text in (
@@ -392,30 +400,40 @@ def cmd_stub(args: argparse.Namespace) -> int:
     from agent.sysconf import request  # noqa: PLC0415
 
     cfg = daemon.load_or_explain(args.config)
-    backend = sysconf.choose(cfg.stub_backend, nm_bus=cfg.nm_bus or None)
     address = cfg.listen[0][0]
+    state, runtime = Path(cfg.state_dir), Path(cfg.runtime_dir)
+    if args.dhclient:  # before manage_stub: without a journal, dhclient's own job is done
+        print(sysconf.dhclient_lease(state, os.environ, [address], _asked_search(runtime)))
+        return EXIT_OK
+    backend = sysconf.choose(cfg.stub_backend, nm_bus=cfg.nm_bus or None)
     if args.show:
-        journal = sysconf.Journal(Path(cfg.state_dir)).load()
+        journal = sysconf.Journal(state).load()
         print(f"backend: {backend.name} ({backend.describe()}); tunnel: {address}")
         print(f"journal: {json.dumps(journal) if journal else 'empty (nothing changed)'}")
         return EXIT_OK
     if not cfg.manage_stub:
         print("manage_stub = false: the system stub is left alone")
         return EXIT_OK
-    runtime = Path(cfg.runtime_dir)
     if args.refresh:
         asked = request.read(runtime)  # unusable: RequestError, nothing changed
         search = asked.search if asked is not None else None
-        print(sysconf.refresh(Path(cfg.state_dir), [address], search, nm_bus=cfg.nm_bus or None))
+        print(sysconf.refresh(state, [address], search, nm_bus=cfg.nm_bus or None))
         return EXIT_OK
+    print(sysconf.apply(state, backend, [address], _asked_search(runtime)))
+    return EXIT_OK
+
+
+def _asked_search(runtime: Path) -> list[str] | None:
+    """The search domains the daemon last asked for; None (as the backend finds them) when
+    it asked nothing, or something unusable."""
+    from agent.sysconf import request  # noqa: PLC0415 (see cmd_run)
+
     try:
         asked = request.read(runtime)
     except request.RequestError as exc:
         LOG.warning("%s: the network's search domains as the backend finds them", exc)
-        asked = None
-    search = asked.search if asked is not None else None
-    print(sysconf.apply(Path(cfg.state_dir), backend, [address], search))
-    return EXIT_OK
+        return None
+    return list(asked.search) if asked is not None else None
 
 
 def cmd_restore(args: argparse.Namespace) -> int:

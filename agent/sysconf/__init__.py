@@ -14,14 +14,15 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.sysconf import dhclient
 from agent.sysconf.journal import Journal, JournalError
 from agent.sysconf.networkmanager import NetworkManagerBackend
 from agent.sysconf.resolvconf import ResolvconfBackend
-from agent.sysconf.resolvconf_file import ResolvConfFile
+from agent.sysconf.resolvconf_file import ResolvConfFile, write_in_place
 from agent.sysconf.resolved import ResolvedBackend
 
 LOG = logging.getLogger(__name__)
@@ -134,6 +135,56 @@ def refresh(
     return f"system stub ({backend.describe()}) refreshed: search domains {domains}"
 
 
+def dhclient_lease(
+    state_dir: Path,
+    env: Mapping[str, str],
+    nameservers: Sequence[str],
+    search: Sequence[str] | None,
+    root: Path = Path("/"),
+) -> str:
+    """dhclient-script's make_resolv_conf, as the enter hook hands it over (`stub --dhclient`).
+
+    The stub pointed by the resolv.conf backend: what dhclient would have written for the
+    lease in `env` becomes the original restore puts back, and the file keeps pointing at
+    the tunnel (its search domains follow the lease); not one cleartext nameserver is
+    written. Pointed by another backend: the file is left to it. Not pointed (the agent
+    restored the stub in the meantime): the file is written as dhclient-script would."""
+    resolv = ResolvConfFile(root)
+    with _locked(state_dir):
+        journal = Journal(state_dir)
+        data = journal.load()
+        if data is None:
+            try:
+                old = resolv.path.read_text()
+            except OSError:
+                old = ""
+            text = dhclient.render(env, old)
+            if text is None:
+                return "the lease names no DNS: resolv.conf left alone"
+            target = resolv.path.resolve()
+            write_in_place(target, text)
+            return f"the stub is not pointed at the tunnel: {target} written as dhclient would"
+        if data["backend"] != resolv.name:
+            return (
+                f"the stub is pointed through {data['backend']}: {resolv.path} left to it "
+                "(no cleartext nameserver written)"
+            )
+        previous = data["entries"][0]
+        text = dhclient.render(env, previous.get("content", previous.get("seen", "")))
+        if text is None:
+            return "the lease names no DNS: resolv.conf left alone"
+        entry = resolv.adopt(previous, text)
+        journal.save(resolv.name, [entry])  # the lease's file first: a crash now loses nothing
+        journal.save(resolv.name, [resolv.apply(nameservers, entry, search)])
+    servers = " ".join(
+        line.split()[1] for line in text.splitlines() if line.startswith("nameserver")
+    )
+    return (
+        f"the lease's resolv.conf (nameservers {servers or 'none'}) is what restore puts back; "
+        f"{resolv.path} still points at {', '.join(nameservers)}"
+    )
+
+
 def restore(state_dir: Path, root: Path = Path("/")) -> str:
     """Undo what the journal records; a human sentence saying what was done."""
     with _locked(state_dir):
@@ -163,6 +214,7 @@ __all__ = [
     "apply",
     "backends",
     "choose",
+    "dhclient_lease",
     "refresh",
     "restore",
 ]

@@ -58,6 +58,16 @@ def render(
     return HEADER + "\n".join(lines + kept) + "\n"
 
 
+def write_in_place(path: Path, text: str) -> None:
+    """As dhclient-script writes (`cat new > file`): the same inode, so a bind-mounted file
+    (a container's, `ip netns exec`'s) is written too; created 0644 if missing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -66,6 +76,7 @@ class ResolvConfFile:
     name = "resolv.conf"
 
     def __init__(self, root: Path = Path("/")) -> None:
+        self.root = root
         self.path = root / "etc" / "resolv.conf"
 
     def detect(self) -> bool:
@@ -144,6 +155,20 @@ class ResolvConfFile:
         except OSError:
             current = previous.get("content", "")
         return current, previous
+
+    def adopt(self, previous: dict[str, Any], text: str) -> dict[str, Any]:
+        """`previous` with `text` as the file restore puts back: what a DHCP client would
+        have written had the agent not been there. A symlink stays one, and the text goes
+        where it points, as dhclient-script (`readlink -f`) would have put it."""
+        if "symlink" in previous:
+            link = Path(previous["symlink"])
+            target = (
+                self.root / str(link).lstrip("/") if link.is_absolute() else self.path.parent / link
+            )
+            write_in_place(target.resolve(), text)
+            return {**previous, "seen": text}
+        entry = {key: value for key, value in previous.items() if key != "absent"}
+        return {**entry, "content": text, "mode": previous.get("mode", 0o644)}
 
     def revert(self, entry: dict[str, Any]) -> str:
         try:

@@ -121,6 +121,10 @@ def test_debian_and_rpm_install_the_same_things() -> None:
     for shipped in ("dispatcher.d/90-dnstls-agent", "packaging/agent.toml", *units):
         assert shipped in install
         assert shipped.replace("dnstls-agent", "%{name}") in spec
+    # Debian's dhclient-script sources dhclient-enter-hooks.d/; Fedora's reads one file of
+    # the administrator's (/etc/dhcp/dhclient-enter-hooks), and Fedora dropped ISC dhclient.
+    assert "dispatcher.d/dhclient-enter-hooks.d/dnstls-agent" in install
+    assert "dhclient-enter-hooks.d/%{name}" not in spec
 
 
 def test_unit_verifies(tmp_path: Path) -> None:

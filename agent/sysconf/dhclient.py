@@ -1,0 +1,67 @@
+"""What ISC dhclient-script would write into /etc/resolv.conf for a lease, as a pure function.
+
+Debian's dhclient-script (isc-dhcp-client) rewrites /etc/resolv.conf at every lease event
+(BOUND, RENEW, REBIND, REBOOT and their DHCPv6 kin), in place, with the network's
+nameservers. While the agent has pointed the file at its tunnel, that would send every
+query in cleartext until the agent pointed it back. The project's enter hook
+(dispatcher.d/dhclient-enter-hooks.d/dnstls-agent) replaces dhclient-script's
+`make_resolv_conf` by `dnstls-agent stub --dhclient`, which renders here what it would
+have written (from the script's environment: dhclient passes a lease as `new_*`
+variables) and makes that the file `restore` puts back.
+
+`render` follows make_resolv_conf of isc-dhcp-client 4.4.3 (Debian 12) line by line,
+including its quirks: a domain name is put in front of the search list when it is not
+in it; without nameservers in the lease, the old file's are kept; DHCPv6 link-local
+servers get `%interface`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+_NAMESERVER = re.compile(r"^\w*[Nn][Aa][Mm][Ee][Ss][Ee][Rr][Vv][Ee][Rr]")  # the script's sed
+
+
+def _old_nameservers(old: str) -> list[str]:
+    return [line for line in old.splitlines() if _NAMESERVER.match(line)]
+
+
+def render(env: Mapping[str, str], old: str = "") -> str | None:
+    """resolv.conf as dhclient-script's make_resolv_conf writes it for the lease in `env`;
+    `old`: the file it would have read (for the nameservers a lease without any keeps).
+    None: the lease says nothing about DNS (the script leaves the file alone)."""
+    domain_name = env.get("new_domain_name", "")
+    search = env.get("new_domain_search", "")
+    servers = env.get("new_domain_name_servers", "")
+    lines: list[str] = []
+    if search or domain_name or servers:
+        if domain_name:
+            lines.append(f"domain {domain_name.split(' ')[0]}")
+        if search:
+            if domain_name and not any(
+                d in (domain_name, f"{domain_name}.") for d in search.split()
+            ):
+                search = f"{domain_name} {search}"
+            lines.append(f"search {search}")
+        elif domain_name:
+            lines.append(f"search {domain_name}")
+        if servers:
+            lines += [f"nameserver {ns}" for ns in servers.split()]
+        else:
+            lines += _old_nameservers(old)
+        return "".join(f"{line}\n" for line in lines)
+    search6 = env.get("new_dhcp6_domain_search", "")
+    servers6 = env.get("new_dhcp6_name_servers", "")
+    if not (search6 or servers6):
+        return None
+    if search6:
+        lines.append(f"search {search6}")
+    if servers6:
+        interface = env.get("interface", "")
+        for ns in servers6.split():
+            scope = f"%{interface}" if ns.lower().startswith("fe80::") else ""
+            lines.append(f"nameserver {ns}{scope}")
+    else:
+        lines += _old_nameservers(old)
+    return "".join(f"{line}\n" for line in lines)
