@@ -4,25 +4,21 @@ On a machine where a DHCP client writes /etc/resolv.conf itself (Debian's ifupdo
 isc-dhcp-client, and no resolvconf: dhclient-script rewrites the file at every renewal),
 the agent's file is replaced behind its back and queries go out in cleartext to the
 network's servers. The daemon is woken by inotify when anything in the file's directory is
-written or renamed (libc's inotify through ctypes: the standard library has none), and also
-looks once a second (one stat()) should inotify not be there; the file is read only when it
-changed. When it names a nameserver that is neither the tunnel nor systemd-resolved's stub,
-the daemon asks for a refresh, which writes the tunnel back (and keeps the new file as the
-one restore puts back).
+written or renamed (agent/inotify.py), and also looks once a second (one stat()) should
+inotify not be there; the file is read only when it changed. When it names a nameserver
+that is neither the tunnel nor systemd-resolved's stub, the daemon asks for a refresh,
+which writes the tunnel back (and keeps the new file as the one restore puts back).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
-import struct
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
+
+from agent.inotify import Waker
 
 LOG = logging.getLogger(__name__)
 
@@ -43,45 +39,6 @@ def nameservers(text: str) -> list[str]:
 def foreign(text: str, ours: Collection[str]) -> list[str]:
     """The nameservers in `text` that are neither ours nor resolved's stub."""
     return [ns for ns in nameservers(text) if ns not in ours and ns not in RESOLVED_STUBS]
-
-
-# <sys/inotify.h>
-IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
-IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x80, 0x100, 0x200
-IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
-MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name)
-
-
-class Inotify:
-    """A directory watched with inotify, as a file descriptor to read (drained, not parsed:
-    any event in the directory is a reason to stat() the file)."""
-
-    def __init__(self, directory: Path) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        if libc.inotify_add_watch(fd, os.fsencode(directory), MASK) < 0:
-            err = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(err, f"inotify_add_watch {directory}")
-        self.fd = fd
-
-    def drain(self) -> int:
-        """Read every pending event; how many bytes there were."""
-        n = 0
-        while True:
-            try:
-                chunk = os.read(self.fd, 4096)
-            except BlockingIOError:
-                return n
-            if not chunk:
-                return n
-            n += len(chunk)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class ResolvConfWatch:
@@ -114,34 +71,15 @@ class ResolvConfWatch:
         fights over it) is asked for less and less often: after BURST asks in a row, at most
         once per BACKOFF seconds, doubling up to BACKOFF_MAX, with one error in the log."""
         self.seen = self._key()  # as it is now: pointed at start, or being pointed
-        woken = asyncio.Event()
-        notify = self._inotify(woken)
+        waker = Waker(str(self.path), [self.path.parent])
+        if waker.notify is not None and not waker.watching(self.path.parent):
+            LOG.warning("no inotify for %s: looking every %.1f s", self.path, self.interval)
         try:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), self.interval)
-                woken.clear()
+                await waker.wait(self.interval)
                 self.look(ask)
         finally:
-            if notify is not None:
-                asyncio.get_running_loop().remove_reader(notify.fd)
-                notify.close()
-
-    def _inotify(self, woken: asyncio.Event) -> Inotify | None:
-        try:
-            notify = Inotify(self.path.parent)
-        except (OSError, AttributeError) as exc:  # no libc inotify: the poll alone
-            LOG.warning(
-                "no inotify for %s (%s): looking every %.1f s", self.path, exc, self.interval
-            )
-            return None
-
-        def readable() -> None:
-            if notify.drain():
-                woken.set()
-
-        asyncio.get_running_loop().add_reader(notify.fd, readable)
-        return notify
+            waker.close()
 
     def look(self, ask: Callable[[str], None]) -> None:
         """One look: if the file changed and names foreign nameservers, ask (or back off)."""

@@ -1,13 +1,12 @@
 """DHCP lease files for systems without NetworkManager: dhclient and systemd-networkd.
 
 Parsing is pure (text in, facts out); a missing or half-written file is not an
-error, just no facts. The watcher polls modification times: lease files change a
-few times an hour, and inotify is not in the standard library.
+error, just no facts. The watcher looks at modification times when inotify says a
+lease directory changed (a new lease is followed at once), and every 2 s anyway.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -16,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.inotify import Waker
 from agent.model import Link, NetResolver, Source
 
 LOG = logging.getLogger(__name__)
@@ -170,6 +170,14 @@ class LeaseWatcher:
         return True
 
     async def run(self) -> None:
-        while True:
-            self.poll()
-            await asyncio.sleep(self.interval)
+        """Forever: a look at once, then whenever inotify says something changed in a lease
+        directory (dhclient writes its lease right after its script ran), and at least every
+        `interval` (directories that appear later are watched from then on)."""
+        waker = Waker("DHCP lease files", self.dirs)
+        try:
+            while True:
+                self.poll()
+                await waker.wait(self.interval)
+                waker.add(self.dirs)
+        finally:
+            waker.close()

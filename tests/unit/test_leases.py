@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import time
 from pathlib import Path
 
+from agent.inotify import Waker
 from agent.model import Link
 from agent.watchers import leases
+from tests.conftest import run
 
 DATA = Path(__file__).parent / "data"
 
@@ -49,3 +54,50 @@ def test_watcher_polls_directories(tmp_path: Path) -> None:
     eth0 = links["eth0"]
     assert [r.address for r in eth0.resolvers] == ["203.0.113.53"]
     assert eth0.network_id == "dhcp:eth0:198.51.100.1"
+
+
+def test_a_new_lease_wakes_the_watcher_at_once(tmp_path: Path) -> None:
+    """With a poll interval of a minute, only inotify can see the lease dhclient writes."""
+    run(_wakes_at_once(tmp_path), timeout=10)
+
+
+async def _wakes_at_once(tmp_path: Path) -> None:
+    later = tmp_path / "later"  # not there at first: watched once it is
+    seen: list[dict[str, Link]] = []
+    got = asyncio.Event()
+
+    def on_snapshot(links: dict[str, Link]) -> None:
+        seen.append(links)
+        got.set()
+
+    w = leases.LeaseWatcher([str(tmp_path), str(later)], on_snapshot, interval=60)
+    task = asyncio.create_task(w.run())
+    try:
+        await asyncio.wait_for(got.wait(), 2)  # the first look
+        got.clear()
+        t0 = time.monotonic()
+        (tmp_path / "dhclient.eth0.leases").write_text((DATA / "dhclient.eth0.leases").read_text())
+        await asyncio.wait_for(got.wait(), 2)
+        assert time.monotonic() - t0 < 1
+        assert "eth0" in seen[-1]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_waker_watches_a_directory_once_it_exists(tmp_path: Path) -> None:
+    async def check() -> None:
+        later = tmp_path / "later"
+        waker = Waker("test", [later])
+        try:
+            assert waker.notify is not None and not waker.watching(later)
+            later.mkdir()
+            waker.add([later])
+            assert waker.watching(later)
+            (later / "x").write_text("x")
+            await asyncio.wait_for(waker.woken.wait(), 2)
+        finally:
+            waker.close()
+
+    run(check(), timeout=10)

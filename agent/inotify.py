@@ -1,0 +1,106 @@
+"""Waking up when files change in a directory: libc's inotify through ctypes (the standard
+library has none, and this is no new dependency). Events are drained, not parsed: a
+watcher woken by one looks at its files again (a stat() each), and keeps a slow poll for
+where inotify is missing (no libc inotify, too many watches, a directory not there yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+LOG = logging.getLogger(__name__)
+
+# <sys/inotify.h>
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x80, 0x100, 0x200
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
+
+
+class Inotify:
+    """Directories watched with inotify, as one file descriptor to read."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.fd: int = fd
+        self.watched: set[Path] = set()
+
+    def add(self, directory: Path) -> None:
+        """Watch `directory` (anything written, renamed, created or removed in it)."""
+        if self._libc.inotify_add_watch(self.fd, os.fsencode(directory), MASK) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch {directory}: {os.strerror(err)}")
+        self.watched.add(directory)
+
+    def drain(self) -> int:
+        """Read every pending event; how many bytes there were."""
+        n = 0
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return n
+            if not chunk:
+                return n
+            n += len(chunk)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Waker:
+    """`woken` is set whenever something changes in the watched directories; `add` again
+    for those not watched yet (missing at first). Without inotify at all, it never wakes:
+    the caller's poll is all there is (said once, as a warning, naming `what`)."""
+
+    def __init__(self, what: str, directories: Iterable[Path]) -> None:
+        self.what = what
+        self.woken = asyncio.Event()
+        self.notify: Inotify | None = None
+        try:
+            self.notify = Inotify()
+        except (OSError, AttributeError) as exc:  # no libc inotify
+            LOG.warning("no inotify for %s (%s): looking at intervals only", what, exc)
+        else:
+            asyncio.get_running_loop().add_reader(self.notify.fd, self._readable)
+        self.add(directories)
+
+    def _readable(self) -> None:
+        if self.notify is not None and self.notify.drain():
+            self.woken.set()
+
+    def add(self, directories: Iterable[Path]) -> None:
+        if self.notify is None:
+            return
+        for directory in directories:
+            if directory in self.notify.watched:
+                continue
+            try:
+                self.notify.add(directory)
+            except OSError as exc:
+                LOG.debug("%s: %s", self.what, exc)
+
+    def watching(self, directory: Path) -> bool:
+        return self.notify is not None and directory in self.notify.watched
+
+    async def wait(self, seconds: float) -> None:
+        """Until something changed, or for `seconds` at most."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.woken.wait(), seconds)
+        self.woken.clear()
+
+    def close(self) -> None:
+        if self.notify is not None:
+            asyncio.get_running_loop().remove_reader(self.notify.fd)
+            self.notify.close()
+            self.notify = None
