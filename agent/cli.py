@@ -387,7 +387,7 @@ def _socket(args: argparse.Namespace) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import daemon  # noqa: PLC0415 (see above)
 
-    cfg = daemon.load_or_explain(args.config)
+    cfg = config.load_or_explain(args.config)
     failure = asyncio.run(daemon.run(cfg, args.config))
     if failure:
         print(f"dnstls-agent: {failure}", file=sys.stderr)
@@ -396,10 +396,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stub(args: argparse.Namespace) -> int:
-    from agent import daemon, sysconf  # noqa: PLC0415 (see cmd_run)
+    from agent import sysconf  # noqa: PLC0415 (see cmd_run)
     from agent.sysconf import request  # noqa: PLC0415
 
-    cfg = daemon.load_or_explain(args.config)
+    cfg = config.load_or_explain(args.config)
     address = cfg.listen[0][0]
     state, runtime = Path(cfg.state_dir), Path(cfg.runtime_dir)
     if args.dhclient:  # before manage_stub: without a journal, dhclient's own job is done

@@ -656,3 +656,11 @@ def defaults_agree() -> list[str]:
         if have != want:
             out.append(f"{opt.key}: table says {want!r}, dataclass says {have!r}")
     return out
+
+
+def load_or_explain(path: Path | None) -> Config:
+    """The configuration, or a UsageError listing every problem (the daemon refuses to start)."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        raise UsageError(f"refusing to start, the configuration has problems:\n{exc}") from None

@@ -280,11 +280,3 @@ async def run(cfg: Config, config_path: Path | None) -> str | None:
     daemon = Daemon(cfg, config_path)
     await daemon.run()
     return daemon.failure
-
-
-def load_or_explain(path: Path | None) -> Config:
-    """The configuration, or a UsageError listing every problem (the daemon refuses to start)."""
-    try:
-        return configmod.load(path)
-    except configmod.ConfigError as exc:
-        raise UsageError(f"refusing to start, the configuration has problems:\n{exc}") from None
