@@ -12,14 +12,19 @@ variables) and makes that the file `restore` puts back.
 `render` follows make_resolv_conf of isc-dhcp-client 4.4.3 (Debian 12) line by line,
 including its quirks: a domain name is put in front of the search list when it is not
 in it; without nameservers in the lease, the old file's are kept; DHCPv6 link-local
-servers get `%interface`.
+servers get `%interface`. One difference: a value with a control character is ignored
+(dhclient checks names itself; this does not count on it).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 
+LOG = logging.getLogger(__name__)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NAMESERVER = re.compile(r"^\w*[Nn][Aa][Mm][Ee][Ss][Ee][Rr][Vv][Ee][Rr]")  # the script's sed
 
 
@@ -27,13 +32,23 @@ def _old_nameservers(old: str) -> list[str]:
     return [line for line in old.splitlines() if _NAMESERVER.match(line)]
 
 
+def _value(env: Mapping[str, str], name: str) -> str:
+    """A lease value; one with a control character (a newline would add a line of the
+    network's choosing, e.g. `options`, to the file) counts as not given."""
+    value = env.get(name, "")
+    if _CONTROL.search(value):
+        LOG.warning("dhclient's %s has control characters: ignored (%r)", name, value[:80])
+        return ""
+    return value
+
+
 def render(env: Mapping[str, str], old: str = "") -> str | None:
     """resolv.conf as dhclient-script's make_resolv_conf writes it for the lease in `env`;
     `old`: the file it would have read (for the nameservers a lease without any keeps).
     None: the lease says nothing about DNS (the script leaves the file alone)."""
-    domain_name = env.get("new_domain_name", "")
-    search = env.get("new_domain_search", "")
-    servers = env.get("new_domain_name_servers", "")
+    domain_name = _value(env, "new_domain_name")
+    search = _value(env, "new_domain_search")
+    servers = _value(env, "new_domain_name_servers")
     lines: list[str] = []
     if search or domain_name or servers:
         if domain_name:
@@ -51,14 +66,14 @@ def render(env: Mapping[str, str], old: str = "") -> str | None:
         else:
             lines += _old_nameservers(old)
         return "".join(f"{line}\n" for line in lines)
-    search6 = env.get("new_dhcp6_domain_search", "")
-    servers6 = env.get("new_dhcp6_name_servers", "")
+    search6 = _value(env, "new_dhcp6_domain_search")
+    servers6 = _value(env, "new_dhcp6_name_servers")
     if not (search6 or servers6):
         return None
     if search6:
         lines.append(f"search {search6}")
     if servers6:
-        interface = env.get("interface", "")
+        interface = _value(env, "interface")
         for ns in servers6.split():
             scope = f"%{interface}" if ns.lower().startswith("fe80::") else ""
             lines.append(f"nameserver {ns}{scope}")

@@ -82,6 +82,17 @@ def test_render_keeps_old_nameservers_only_without_new_ones() -> None:
     assert out == "nameserver 198.51.100.1\nnameserver 198.51.100.2\n"
 
 
+def test_a_value_with_a_newline_adds_no_line() -> None:
+    """A hostile server's domain search list with a newline: no `options` line of its own."""
+    env = {
+        "new_domain_search": "corp.example\noptions ndots:15",
+        "new_domain_name_servers": "198.51.100.1",
+    }
+    assert dhclient.render(env, OLD) == "nameserver 198.51.100.1\n"
+    env = {"new_domain_name_servers": "198.51.100.1\nsearch evil.example"}
+    assert dhclient.render(env, OLD) is None
+
+
 # -- sysconf.dhclient_lease, on a root prefix -------------------------------------------------
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
