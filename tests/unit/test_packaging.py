@@ -181,3 +181,14 @@ def test_scripts_are_executable_and_parse(script: str) -> None:
             return
         shell = "bash"
     assert subprocess.run([shell, "-n", str(path)], check=False).returncode == 0
+
+
+def test_license_is_the_one_the_packages_declare() -> None:
+    """LICENSE, debian/copyright's Expat text, pyproject's and the spec's MIT: one license."""
+    words = (REPO / "LICENSE").read_text().split()
+    copyright_text = (DEBIAN / "copyright").read_text()
+    expat = copyright_text.split("License: Expat\n", 2)[2]
+    assert words[words.index("Permission") :] == expat.replace("\n .\n", "\n").split()
+    assert 'license = { text = "MIT" }' in (REPO / "pyproject.toml").read_text()
+    assert re.search(r"^License:\s+MIT$", SPEC.read_text(), re.M)
+    assert "%license LICENSE" in SPEC.read_text()
