@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,7 +22,9 @@ LOG = logging.getLogger(__name__)
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x80, 0x100, 0x200
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+IN_MOVED_FROM, IN_Q_OVERFLOW = 0x40, 0x4000
 MASK = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL-padded
 
 
 class Inotify:
@@ -35,9 +38,9 @@ class Inotify:
         self.fd: int = fd
         self.watched: set[Path] = set()
 
-    def add(self, directory: Path) -> None:
-        """Watch `directory` (anything written, renamed, created or removed in it)."""
-        if self._libc.inotify_add_watch(self.fd, os.fsencode(directory), MASK) < 0:
+    def add(self, directory: Path, mask: int = MASK) -> None:
+        """Watch `directory` (by default: anything written, renamed, created or removed)."""
+        if self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask) < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_add_watch {directory}: {os.strerror(err)}")
         self.watched.add(directory)
@@ -53,6 +56,21 @@ class Inotify:
             if not chunk:
                 return n
             n += len(chunk)
+
+    def events(self) -> list[tuple[int, str]]:
+        """Read every pending event: (mask, name) each (name "" for the directory itself)."""
+        out: list[tuple[int, str]] = []
+        while True:
+            try:
+                data = os.read(self.fd, 65536)  # whole events only (the kernel's promise)
+            except BlockingIOError:
+                return out
+            pos = 0
+            while pos + _EVENT.size <= len(data):
+                _wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
+                raw = data[pos + _EVENT.size : pos + _EVENT.size + length]
+                out.append((mask, raw.rstrip(b"\0").decode(errors="replace")))
+                pos += _EVENT.size + length
 
     def close(self) -> None:
         os.close(self.fd)

@@ -42,16 +42,25 @@ def render(
     """
     kept: list[str] = []
     domains: list[str] = []
+    seen: set[str] = set()  # one name once, however written (`corp.example.`, `Corp.Example`)
+
+    def add(names: Sequence[str]) -> None:
+        for name in names:
+            key = name.rstrip(".").lower()
+            if key and key not in seen:
+                seen.add(key)
+                domains.append(name)
+
     for line in original.splitlines():
         words = line.split()
         if not words or words[0].startswith(("#", ";")) or words[0] not in KEEP:
             continue
         if words[0] in ("search", "domain"):
             if keep_search or search is None:
-                domains += [w for w in words[1:] if w not in domains]
+                add(words[1:])
         else:
             kept.append(" ".join(words))
-    domains += [d for d in search or () if d not in domains]
+    add(search or ())
     lines = [f"nameserver {ns}" for ns in nameservers]
     if domains:
         lines.append("search " + " ".join(domains))

@@ -42,6 +42,28 @@ _BLOCK = re.compile(r"\blease6?\s*\{(.*?)\n\}", re.S)
 _IFACE = re.compile(r'^\s*interface\s+"([^"]+)"\s*;', re.M)
 
 
+def _names(value: str, sep: str | None) -> list[str]:
+    """Domain names of a lease option: quotes and the root's dot gone."""
+    names = (w.strip().strip('"').strip() for w in value.split(sep))
+    return [n.rstrip(".") for n in names if n.rstrip(".")]
+
+
+def _dhclient_domains(opts: dict[str, str]) -> tuple[str, ...]:
+    """The search list as dhclient-script writes it: domain-search, with the domain name
+    in front when it is not in it (DHCPv6: its domain-search)."""
+    search = _names(opts.get("domain-search", ""), ",")
+    name = _names(opts.get("domain-name", "").strip('"'), None)
+    if name and not any(d.lower() == name[0].lower() for d in search):
+        search = name + search
+    if not search:
+        search = _names(opts.get("dhcp6.domain-search", ""), ",")
+    out: list[str] = []
+    for d in search:
+        if d.lower() not in (o.lower() for o in out):
+            out.append(d)
+    return tuple(out)
+
+
 def parse_dhclient(text: str) -> dict[str, Lease]:
     """dhclient.leases (v4 and v6): the last complete lease block per interface wins."""
     out: dict[str, Lease] = {}
@@ -57,18 +79,10 @@ def parse_dhclient(text: str) -> dict[str, Lease]:
                 name, _, value = line[len("option ") :].partition(" ")
                 opts[name] = value.strip()
         dns = opts.get("domain-name-servers") or opts.get("dhcp6.name-servers") or ""
-        domains = (
-            opts.get("domain-search")
-            or opts.get("domain-name")
-            or opts.get("dhcp6.domain-search")
-            or ""
-        )
         out[ifname] = Lease(
             ifname,
             _addresses(dns.split(",")),
-            tuple(
-                d.strip().strip('"').rstrip(".") for d in domains.split(",") if d.strip().strip('"')
-            ),
+            _dhclient_domains(opts),
             opts.get("dhcp-server-identifier") or opts.get("dhcp6.server-id"),
             (opts.get("routers") or "").split(",")[0] or None,
         )

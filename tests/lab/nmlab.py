@@ -198,7 +198,7 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _stop_foreign(pid: int, marker: bytes, timeout: float = 5.0) -> None:
+def stop_foreign(pid: int, marker: bytes, timeout: float = 5.0) -> None:
     """Stop a process this lab caused but did not spawn itself (bus-activated), by PID; the
     command line must still contain `marker`, in case the PID was reused."""
     try:
@@ -943,9 +943,9 @@ dhcp-hostname={HOSTNAME}
         """Stop every process left in the machine's mount namespace but the holder."""
         if self._holder is None or not self._holder.alive() or not self.mount_ns:
             return
-        for pid in _pids_in_mount_ns(self.mount_ns):
+        for pid in pids_in_mount_ns(self.mount_ns):
             if pid != self._holder.pid:
-                _stop_foreign(pid, b"")
+                stop_foreign(pid, b"")
 
     def close(self) -> None:
         """Tear everything down, whatever state it is in; idempotent. Raises the first
@@ -969,7 +969,7 @@ dhcp-hostname={HOSTNAME}
         if self._nm is not None:
             step(self._nm.stop)
         for pid in self._dispatcher_pids():
-            step(functools.partial(_stop_foreign, pid, b"nm-dispatcher"))
+            step(functools.partial(stop_foreign, pid, b"nm-dispatcher"))
         if self._dbus is not None:
             step(self._dbus.stop)
         # NM's last words (a connectivity-change at exit) may have had the bus activate
@@ -1015,7 +1015,7 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)}: {res.stderr.strip()}")
 
 
-def _pids_in_mount_ns(inode: int) -> list[int]:
+def pids_in_mount_ns(inode: int) -> list[int]:
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit():

@@ -101,3 +101,21 @@ def test_waker_watches_a_directory_once_it_exists(tmp_path: Path) -> None:
             waker.close()
 
     run(check(), timeout=10)
+
+
+def test_dhclient_search_list_is_the_one_dhclient_script_writes() -> None:
+    """domain-search with the domain name in front when it is not in it; one name once."""
+
+    def domains(options: str) -> tuple[str, ...]:
+        text = f'lease {{\n  interface "eth0";\n{options}}}\n'
+        return leases.parse_dhclient(text)["eth0"].domains
+
+    assert domains('  option domain-name "lab.test";\n  option domain-search "corp.test.";\n') == (
+        "lab.test",
+        "corp.test",
+    )
+    both = '  option domain-name "corp.test";\n  option domain-search "Corp.Test.", "x.test";\n'
+    assert domains(both) == ("Corp.Test", "x.test")
+    assert domains('  option domain-name "lab.test";\n') == ("lab.test",)
+    assert domains('  option dhcp6.domain-search "v6.test.";\n') == ("v6.test",)
+    assert domains("") == ()

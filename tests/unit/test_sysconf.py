@@ -46,6 +46,13 @@ def test_render_keeps_search_and_options() -> None:
     ]
 
 
+def test_render_names_a_domain_once_however_written() -> None:
+    """dhclient writes the root's dot (`corp.test.`); the daemon's list has none."""
+    original = "domain lab.test\nsearch lab.test corp.test.\nnameserver 198.51.100.2\n"
+    out = resolvconf_file.render(original, TUNNEL, ["corp.test", "LAB.test", "new.test"])
+    assert body(out) == ["nameserver 127.0.0.153", "search lab.test corp.test. new.test"]
+
+
 def test_render_with_the_networks_domains_of_now() -> None:
     """keep_search=False: the original's domains were the network of then (NM's file)."""
     out = resolvconf_file.render(ORIGINAL, TUNNEL, ["new.example"], keep_search=False)
