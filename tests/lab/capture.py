@@ -2,7 +2,8 @@
 
 tcpdump writes a pcap file; `packets()` reads it with nothing but struct (Ethernet,
 IPv4, UDP/TCP payloads), and `leaked()` says which query names appear in any payload
-in DNS wire form or as text: TLS records never contain them, so a hit is cleartext.
+in DNS wire form or as text: TLS records never contain them, so a hit is cleartext;
+`cleartext_queries()` lists the questions of the DNS messages sent in the clear.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import dns.message
 
 from tests.lab.netns import Netns
 from tests.lab.proc import Process, need
@@ -101,7 +105,7 @@ def packets(path: Path) -> list[Packet]:
     return out
 
 
-def leaked(pkts: list[Packet], names: list[str]) -> dict[str, list[Packet]]:
+def leaked(pkts: Sequence[Packet], names: Sequence[str]) -> dict[str, list[Packet]]:
     """For each name, the packets whose payload carries it in cleartext."""
     hits: dict[str, list[Packet]] = {}
     for name in names:
@@ -110,3 +114,29 @@ def leaked(pkts: list[Packet], names: list[str]) -> dict[str, list[Packet]]:
         if found:
             hits[name] = found
     return hits
+
+
+def leaked_with_prefix(
+    pkts: Sequence[Packet], names: Sequence[str], prefix: str
+) -> dict[str, list[Packet]]:
+    """`leaked` for names that all start with PREFIX- (a query load's), sped up: a packet
+    that does not carry PREFIX- (in the first label, so in wire form too) is not looked at
+    name by name (thousands of names times tens of thousands of packets otherwise)."""
+    token = f"{prefix}-".lower().encode()
+    return leaked([p for p in pkts if token in p.payload.lower()], list(names))
+
+
+def cleartext_queries(pkts: Sequence[Packet]) -> list[str]:
+    """The question names of every DNS query sent in the clear: UDP to port 53, and TCP to
+    53 before any TLS (a payload that parses as a message)."""
+    names = []
+    for p in pkts:
+        if p.dport != 53 or not p.payload:
+            continue
+        wire = p.payload[2:] if p.proto == "tcp" else p.payload
+        try:
+            msg = dns.message.from_wire(wire)
+        except Exception:  # TLS records, or a segment that is not a message's start
+            continue
+        names += [q.name.to_text() for q in msg.question]
+    return names

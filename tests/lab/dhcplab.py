@@ -56,13 +56,11 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -83,8 +81,8 @@ from agent.sysconf.watch import nameservers
 from tests.lab.agentproc import AgentProcess
 from tests.lab.capture import Capture
 from tests.lab.certs import CertFiles
-from tests.lab.netns import REPO, SRV_IPS, Netns, new_tag
-from tests.lab.nmlab import Machine, pids_in_mount_ns, stop_foreign
+from tests.lab.machine import Holder, Machine
+from tests.lab.netns import REPO, SRV_IPS, Netns, new_tag, run_ip
 from tests.lab.proc import Process, need
 from tests.lab.unbound import Unbound, UnboundConfig, answers, tls_listening
 
@@ -289,8 +287,7 @@ class DhcpLab:
         self.timings: dict[str, float] = {}
         self.startup_seconds = 0.0
         self._dnsmasq: Process | None = None
-        self._holder: Process | None = None
-        self._mount_ns = 0
+        self._holder: Holder | None = None
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -397,11 +394,11 @@ group=root
     def _namespaces(self) -> None:
         self.srv = Netns(f"dhl-srv-{self.tag}")
         self.cli = Netns(f"dhl-cli-{self.tag}")
-        _ip("link", "add", self.srv_ifname, "netns", self.srv.name, "type", "veth",
+        run_ip("link", "add", self.srv_ifname, "netns", self.srv.name, "type", "veth",
             "peer", "name", self.ifname, "netns", self.cli.name)  # fmt: skip
         for ip in SRV_IPS:
-            _ip("-n", self.srv.name, "addr", "add", f"{ip}/24", "dev", self.srv_ifname)
-        _ip("-n", self.srv.name, "link", "set", self.srv_ifname, "up")
+            run_ip("-n", self.srv.name, "addr", "add", f"{ip}/24", "dev", self.srv_ifname)
+        run_ip("-n", self.srv.name, "link", "set", self.srv_ifname, "up")
         # the machine's side stays down and bare: dhclient-script's PREINIT brings it up
 
     def _start_dnsmasq(self) -> None:
@@ -436,45 +433,17 @@ group=root
 
     def _start_machine(self) -> None:
         assert self.cli is not None
-        argv = [need("unshare"), "--mount", "--uts", "--propagation=private", need("sleep"), "inf"]
-        holder = self.cli.start(argv, self.logs / "holder.log")
+        holder = Holder.start(self.cli, self.logs / "holder.log")
         self._holder = holder
-        holder.wait_until(lambda: _comm(holder.pid) == "sleep", 10, "holder (unshare)")
-        self._mount_ns = os.stat(f"/proc/{holder.pid}/ns/mnt").st_ino
-        if self._mount_ns == os.stat("/proc/self/ns/mnt").st_ino:
-            raise LabError("the holder is in the host's mount namespace")
-        self.machine = Machine(self.cli.name, holder.pid)
+        self.machine = holder.machine
+        holder.overlay_etc(self.dir, "dhcplab")
         mount = need("mount")
-        upper, work = self.dir / "etc-upper", self.dir / "etc-work"
-        etc = self._in_machine(
-            mount, "-t", "overlay", "dhcplab-etc", "-o",
-            f"lowerdir=/etc,upperdir={upper},workdir={work}", "/etc", check=False,
-        )  # fmt: skip
-        if etc.returncode != 0:
-            # the lab directory cannot be an upper layer (e.g. it is on overlayfs itself):
-            # keep the upper layer on a tmpfs that only the machine sees
-            tmpfs = self.dir / "etc-tmpfs"
-            tmpfs.mkdir()
-            self._in_machine(mount, "-t", "tmpfs", "dhcplab-etc-tmpfs", str(tmpfs))
-            self._in_machine(need("mkdir"), f"{tmpfs}/upper", f"{tmpfs}/work")
-            self._in_machine(need("cp"), "-a", f"{upper}/.", f"{tmpfs}/upper/")
-            self._in_machine(
-                mount, "-t", "overlay", "dhcplab-etc", "-o",
-                f"lowerdir=/etc,upperdir={tmpfs}/upper,workdir={tmpfs}/work", "/etc",
-            )  # fmt: skip
-        self._in_machine(mount, "--bind", str(self.dir / "etc-dhcp"), "/etc/dhcp")
-        self._in_machine(mount, "--bind", str(self.dir / "var-lib-dhcp"), "/var/lib/dhcp")
-        self._in_machine(mount, "-t", "tmpfs", "-o", "mode=0755", "dhcplab-run", "/run")
-        self._in_machine(need("hostname"), HOSTNAME)
+        holder.run(mount, "--bind", str(self.dir / "etc-dhcp"), "/etc/dhcp")
+        holder.run(mount, "--bind", str(self.dir / "var-lib-dhcp"), "/var/lib/dhcp")
+        holder.run(mount, "-t", "tmpfs", "-o", "mode=0755", "dhcplab-run", "/run")
+        holder.run(need("hostname"), HOSTNAME)
         if self.resolv_conf() != "":
             raise LabError("the machine's /etc/resolv.conf is not the lab's")
-
-    def _in_machine(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        assert self.machine is not None
-        res = self.machine.run(argv, timeout=10, check=False)
-        if check and res.returncode != 0:
-            raise LabError(f"in the machine: {argv}: {res.stderr.strip()}")
-        return res
 
     # -- dhclient ------------------------------------------------------------------------------
     def start_dhclient(self, *, wait: bool = True) -> float:
@@ -486,7 +455,7 @@ group=root
         pidfile = f"/run/dhclient.{self.ifname}.pid"
         if self._holder is not None:  # a stale pid file: dhclient may signal that PID
             with contextlib.suppress(FileNotFoundError):
-                Path(f"/proc/{self._holder.pid}/root{pidfile}").unlink()
+                self._holder.file(pidfile).unlink()
         env = [a for k, v in self.dhclient_env().items() for a in ("-e", f"{k}={v}")]
         argv = [DHCLIENT, "-d", "-v", "-4", "-sf", DHCLIENT_SCRIPT,
                 "-lf", f"/var/lib/dhcp/dhclient.{self.ifname}.leases", "-pf", pidfile,
@@ -566,7 +535,7 @@ group=root
     def resolv_conf(self) -> str:
         """The machine's /etc/resolv.conf."""
         assert self._holder is not None
-        return Path(f"/proc/{self._holder.pid}/root/etc/resolv.conf").read_text()
+        return self._holder.file("/etc/resolv.conf").read_text()
 
     def agent(self, profile: str = "strict", ca_file: Path | None = None) -> AgentProcess:
         """`dnstls-agent run` as root in the machine, pointing its stub (stub_backend
@@ -609,11 +578,10 @@ group=root
         if self.machine is not None:
             for proc in reversed(self.machine.processes):
                 step(proc.stop)
-        if self._holder is not None and self._holder.alive() and self._mount_ns:
-            for pid in pids_in_mount_ns(self._mount_ns):
-                if pid != self._holder.pid:
-                    step(partial(stop_foreign, pid, b""))
-        for ns in (self.cli, self.srv):  # the holder is cli's; dnsmasq and unbound srv's
+        if self._holder is not None:  # a hook's command dhclient left running; then the pin
+            step(self._holder.sweep)
+            step(self._holder.stop)
+        for ns in (self.cli, self.srv):  # dnsmasq and unbound are srv's
             if ns is not None:
                 step(ns.delete)
         self.cli = self.srv = self.machine = None
@@ -631,19 +599,6 @@ group=root
             self.close()
         except Exception as exc:  # do not hide the test's own failure behind a teardown one
             print(f"dhcplab {self.tag}: teardown failed: {exc!r}", file=sys.stderr)
-
-
-def _ip(*args: str) -> None:
-    res = subprocess.run([need("ip"), *args], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise LabError(f"ip {' '.join(args)}: {res.stderr.strip()}")
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 # -- the machine's watchers, run as `python -m tests.lab.dhcplab record|query ...` --------------

@@ -76,7 +76,8 @@ def call_in(name: str, fn: Callable[[], T], timeout: float | None = None) -> T:
     return out[0]
 
 
-def _ip(*args: str) -> None:
+def run_ip(*args: str) -> None:
+    """`ip ARGS`; a RuntimeError with ip's own words when it fails."""
     out = subprocess.run([need("ip"), *args], capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"ip {' '.join(args)}: {out.stderr.strip() or out.returncode}")
@@ -85,8 +86,8 @@ def _ip(*args: str) -> None:
 class Netns:
     def __init__(self, name: str) -> None:
         self.name = name
-        _ip("netns", "add", name)
-        _ip("-n", name, "link", "set", "lo", "up")
+        run_ip("netns", "add", name)
+        run_ip("-n", name, "link", "set", "lo", "up")
         self.processes: list[Process] = []
 
     def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
@@ -144,7 +145,7 @@ class Lab:
             self.srv = Netns(f"dta-srv-{self.tag}")
             self.cli = Netns(f"dta-cli-{self.tag}")
             v_srv, v_cli = f"dtas{self.tag}"[:15], f"dtac{self.tag}"[:15]
-            _ip(
+            run_ip(
                 "link",
                 "add",
                 v_srv,
@@ -159,13 +160,13 @@ class Lab:
                 self.cli.name,
             )
             for ip in SRV_IPS:
-                _ip("-n", self.srv.name, "addr", "add", f"{ip}/24", "dev", v_srv)
+                run_ip("-n", self.srv.name, "addr", "add", f"{ip}/24", "dev", v_srv)
             for ip6 in SRV_IP6S:
-                _ip("-n", self.srv.name, "addr", "add", f"{ip6}/64", "dev", v_srv, "nodad")
-            _ip("-n", self.cli.name, "addr", "add", f"{CLI_IP}/24", "dev", v_cli)
-            _ip("-n", self.cli.name, "addr", "add", f"{CLI_IP6}/64", "dev", v_cli, "nodad")
-            _ip("-n", self.srv.name, "link", "set", v_srv, "up")
-            _ip("-n", self.cli.name, "link", "set", v_cli, "up")
+                run_ip("-n", self.srv.name, "addr", "add", f"{ip6}/64", "dev", v_srv, "nodad")
+            run_ip("-n", self.cli.name, "addr", "add", f"{CLI_IP}/24", "dev", v_cli)
+            run_ip("-n", self.cli.name, "addr", "add", f"{CLI_IP6}/64", "dev", v_cli, "nodad")
+            run_ip("-n", self.srv.name, "link", "set", v_srv, "up")
+            run_ip("-n", self.cli.name, "link", "set", v_cli, "up")
             self.veth_srv = v_srv
         except BaseException:
             self.close()

@@ -68,7 +68,8 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from agent.dbus import blocking
-from tests.lab.netns import REPO, SRV_IPS, Netns, new_tag
+from tests.lab.machine import Holder, Machine, clean_env, stop_foreign
+from tests.lab.netns import SRV_IPS, Netns, new_tag, run_ip
 from tests.lab.proc import Process, need
 
 CONNECTION_UUID = "6e6d6c61-622d-4468-a370-2d6c61623031"
@@ -93,18 +94,6 @@ SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
 DISPATCHERS = ("/usr/lib/NetworkManager/nm-dispatcher", "/usr/libexec/nm-dispatcher")
 # Never handed to the lab's daemons: they must find the private bus (not the caller's),
 # and must not talk to the host's systemd or journal.
-SCRUB = (
-    "DBUS_SYSTEM_BUS_ADDRESS",
-    "DBUS_SESSION_BUS_ADDRESS",
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_PID",
-    "WATCHDOG_USEC",
-    "INVOCATION_ID",
-    "JOURNAL_STREAM",
-)
 
 
 # -- D-Bus helpers (dbus-next, low level: no introspection needed) -----------------------------
@@ -179,90 +168,6 @@ def nameservers(config: Sequence[Mapping[str, Any]], ifname: str | None = None) 
 
 class DBusError(RuntimeError):
     """A D-Bus call answered with an error."""
-
-
-# -- processes -----------------------------------------------------------------------------
-def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra or {})
-    return env
-
-
-def pid_alive(pid: int) -> bool:
-    """Running and not a zombie (whoever is its parent may reap it late)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def stop_foreign(pid: int, marker: bytes, timeout: float = 5.0) -> None:
-    """Stop a process this lab caused but did not spawn itself (bus-activated), by PID; the
-    command line must still contain `marker`, in case the PID was reused."""
-    try:
-        if marker not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ProcessLookupError):
-        return
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and pid_alive(pid):
-        time.sleep(0.02)
-    if pid_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-class Machine(Netns):
-    """The client as NM sees it: lab.cli's network namespace plus NM's mount and UTS
-    namespaces, entered with nsenter through the lab's holder process. /etc/resolv.conf
-    is the lab's, the default system bus is the private one, /run is the lab's DIR/run.
-
-    A Netns, so that everything taking one (e.g. tests.lab.peer.spawn) takes this too;
-    `call()` enters the network namespace only (a thread cannot enter a mount namespace).
-    """
-
-    def __init__(self, name: str, pid: int) -> None:  # not Netns's: the namespaces exist
-        self.name = name
-        self.pid = pid
-        self.processes: list[Process] = []
-
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        return [
-            need("nsenter"),
-            f"--target={self.pid}",
-            "--net",
-            "--mount",
-            "--uts",
-            f"--wd={REPO}",
-            "--",
-            *argv,
-        ]
-
-    def run(
-        self, argv: Sequence[str], *, timeout: float = 30, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=check,
-            cwd=REPO,
-            env=_clean_env(),
-        )
-
-    def start(self, argv: Sequence[str], log: Path) -> Process:
-        proc = Process(self.argv(argv), log, env=_clean_env())
-        self.processes.append(proc)
-        return proc
-
-    def delete(self) -> None:
-        """Stop what was started here; the namespaces themselves belong to the lab."""
-        for proc in reversed(self.processes):
-            proc.stop()
 
 
 class NMLab:
@@ -342,7 +247,7 @@ class NMLab:
         self.timings: dict[str, float] = {}
         self.startup_seconds = 0.0
         self._dnsmasq: Process | None = None
-        self._holder: Process | None = None
+        self._holder: Holder | None = None
         self._dbus: Process | None = None
         self._nm: Process | None = None
         self._short_dir: Path | None = None
@@ -616,7 +521,7 @@ dhcp-hostname={HOSTNAME}
             # link-local address delays router solicitations and advertisements by seconds
             for ns in (self.srv, self.cli):
                 ns.sysctl("net.ipv6.conf.default.accept_dad", 0)
-        _ip(
+        run_ip(
             "link",
             "add",
             self.srv_ifname,
@@ -631,10 +536,10 @@ dhcp-hostname={HOSTNAME}
             self.cli.name,
         )
         for ip in self.srv_ips:
-            _ip("-n", self.srv.name, "addr", "add", f"{ip}/24", "dev", self.srv_ifname)
+            run_ip("-n", self.srv.name, "addr", "add", f"{ip}/24", "dev", self.srv_ifname)
         if self.ipv6:
             self.add_srv_address(SRV_IP6)
-        _ip("-n", self.srv.name, "link", "set", self.srv_ifname, "up")
+        run_ip("-n", self.srv.name, "link", "set", self.srv_ifname, "up")
         # the client side stays down: bringing it up is NM's job
 
     def add_srv_address(self, ip: str, prefix: int | None = None) -> None:
@@ -642,7 +547,7 @@ dhcp-hostname={HOSTNAME}
         assert self.srv is not None
         plen = prefix if prefix is not None else (64 if ":" in ip else 24)
         extra = ["nodad"] if ":" in ip else []
-        _ip("-n", self.srv.name, "addr", "add", f"{ip}/{plen}", "dev", self.srv_ifname, *extra)
+        run_ip("-n", self.srv.name, "addr", "add", f"{ip}/{plen}", "dev", self.srv_ifname, *extra)
         if ip not in self.srv_ips:
             self.srv_ips.append(ip)
 
@@ -652,7 +557,7 @@ dhcp-hostname={HOSTNAME}
         dnsmasq = Process(
             self.srv.argv([need("dnsmasq"), "--keep-in-foreground", f"--conf-file={conf}"]),
             self.logs / "dnsmasq.log",
-            env=_clean_env(),
+            env=clean_env(),
         )
         self._dnsmasq = dnsmasq
         dnsmasq.wait_until(lambda: "DHCP, IP range" in self._dnsmasq_log(), 10, "dnsmasq")
@@ -667,62 +572,23 @@ dhcp-hostname={HOSTNAME}
         """The holder: a process in lab.cli with its own mount and UTS namespaces, set up
         from outside with nsenter; everything of NM's runs next to it."""
         assert self.cli is not None
-        holder = Process(
-            self.cli.argv(
-                [need("unshare"), "--mount", "--uts", "--propagation=private", need("sleep"), "inf"]
-            ),
-            self.logs / "holder.log",
-            env=_clean_env(),
-        )
+        holder = Holder.start(self.cli, self.logs / "holder.log")
         self._holder = holder
-        holder.wait_until(lambda: _comm(holder.pid) == "sleep", 10, "holder (unshare)")
-        self.machine = Machine(self.cli.name, holder.pid)
-        self.mount_ns = os.stat(f"/proc/{holder.pid}/ns/mnt").st_ino
-        if self.mount_ns == os.stat("/proc/self/ns/mnt").st_ino:
-            raise RuntimeError("holder is in the host's mount namespace")
-        mount = need("mount")
-        upper, work = self.dir / "etc-upper", self.dir / "etc-work"
-        overlay = self._in_machine(
-            mount, "-t", "overlay", "nmlab-etc", "-o",
-            f"lowerdir=/etc,upperdir={upper},workdir={work}", "/etc",
-            check=False,
-        )  # fmt: skip
-        if overlay.returncode != 0:
-            # the lab directory cannot be an upper layer (e.g. it is on overlayfs itself):
-            # keep the upper layer on a tmpfs that only the machine sees
-            tmpfs = self.dir / "etc-tmpfs"
-            tmpfs.mkdir()
-            self._in_machine(mount, "-t", "tmpfs", "nmlab-etc-tmpfs", str(tmpfs))
-            self._in_machine(need("mkdir"), f"{tmpfs}/upper", f"{tmpfs}/work")
-            self._in_machine(need("cp"), "-a", str(upper) + "/.", f"{tmpfs}/upper/")
-            self._in_machine(
-                mount, "-t", "overlay", "nmlab-etc", "-o",
-                f"lowerdir=/etc,upperdir={tmpfs}/upper,workdir={tmpfs}/work", "/etc",
-            )  # fmt: skip
-            (self.dir / "etc-upper-is-on-tmpfs").write_text(overlay.stderr)
+        self.machine = holder.machine
+        self.mount_ns = holder.mount_ns
+        why = holder.overlay_etc(self.dir, "nmlab")
+        if why is not None:
+            (self.dir / "etc-upper-is-on-tmpfs").write_text(why)
         for source, target in (
             (self.dir / "run", "/run"),
             (self.dir / "etc-nm", "/etc/NetworkManager"),
             (self.dir / "var-lib-nm", "/var/lib/NetworkManager"),
         ):
-            self._in_machine(mount, "--bind", str(source), target)
+            holder.run(need("mount"), "--bind", str(source), target)
         # read-only /sys: NM then works without udev (with a writable /sys it waits for
         # udevd, which is not running here, and every link stays unmanaged)
-        self._in_machine(mount, "-o", "remount,bind,ro", "/sys")
-        self._in_machine(need("hostname"), HOSTNAME)
-
-    def _in_machine(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        assert self._holder is not None
-        res = subprocess.run(
-            [need("nsenter"), f"--target={self._holder.pid}", "--mount", "--uts", "--", *argv],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if check and res.returncode != 0:
-            raise RuntimeError(f"in the lab's mount namespace: {argv}: {res.stderr.strip()}")
-        return res
+        holder.run(need("mount"), "-o", "remount,bind,ro", "/sys")
+        holder.run(need("hostname"), HOSTNAME)
 
     def _start_bus(self) -> None:
         assert self.machine is not None
@@ -737,7 +603,7 @@ dhcp-hostname={HOSTNAME}
                 ]
             ),
             self.logs / "dbus.log",
-            env=_clean_env(),
+            env=clean_env(),
         )
         path = self.bus_address.removeprefix("unix:path=")
         self._dbus.wait_until(lambda: _connectable(path), 10, "dbus-daemon")
@@ -747,7 +613,7 @@ dhcp-hostname={HOSTNAME}
         self._nm = Process(
             self.machine.argv([need("NetworkManager"), "--no-daemon", "--debug"]),
             self.logs / "NetworkManager.log",
-            env=_clean_env(),
+            env=clean_env(),
         )
 
     async def _wait_ready(self, mark: Callable[[str], None]) -> None:
@@ -843,7 +709,7 @@ dhcp-hostname={HOSTNAME}
             text=True,
             timeout=timeout,
             check=check,
-            env={**_clean_env(), **self.bus_env()},
+            env={**clean_env(), **self.bus_env()},
         )
 
     def renew(self, timeout: float = 60) -> None:
@@ -854,8 +720,8 @@ dhcp-hostname={HOSTNAME}
 
     def resolv_conf(self) -> str:
         """The machine's /etc/resolv.conf (what NM wrote with nm_dns="default")."""
-        if self._holder is not None and self._holder.alive():
-            return Path(f"/proc/{self._holder.pid}/root/etc/resolv.conf").read_text()
+        if self._holder is not None and self._holder.proc.alive():
+            return self._holder.file("/etc/resolv.conf").read_text()
         return self.resolv_conf_path.read_text()
 
     def dns_configuration(self, timeout: float = 10) -> list[dict[str, Any]]:
@@ -925,8 +791,9 @@ dhcp-hostname={HOSTNAME}
 
     def pids(self) -> list[int]:
         """Every process the lab started or had activated (for leak checks)."""
-        procs = [self._nm, self._dbus, self._holder, self._dnsmasq]
+        procs = [self._nm, self._dbus, self._dnsmasq]
         out = [p.pid for p in procs if p is not None]
+        out += [self._holder.pid] if self._holder is not None else []
         return out + self._dispatcher_pids()
 
     def _dispatcher_pids(self) -> list[int]:
@@ -939,14 +806,6 @@ dhcp-hostname={HOSTNAME}
         return [int(line) for line in text.split() if line.isdigit()]
 
     # -- teardown --------------------------------------------------------------------------
-    def _sweep_machine(self) -> None:
-        """Stop every process left in the machine's mount namespace but the holder."""
-        if self._holder is None or not self._holder.alive() or not self.mount_ns:
-            return
-        for pid in pids_in_mount_ns(self.mount_ns):
-            if pid != self._holder.pid:
-                stop_foreign(pid, b"")
-
     def close(self) -> None:
         """Tear everything down, whatever state it is in; idempotent. Raises the first
         error only after trying every step."""
@@ -975,7 +834,8 @@ dhcp-hostname={HOSTNAME}
         # NM's last words (a connectivity-change at exit) may have had the bus activate
         # another nm-dispatcher meanwhile: stop whatever else is still in the machine
         # (found by its mount namespace, which the holder keeps alive until now)
-        step(self._sweep_machine)
+        if self._holder is not None:
+            step(self._holder.sweep)
         for daemon in (self._holder, self._dnsmasq):
             if daemon is not None:
                 step(daemon.stop)
@@ -1007,29 +867,6 @@ def _dns_match() -> str:
         f"type='signal',sender='{NM}',path='{DNS_PATH}',"
         f"interface='{PROPS}',member='PropertiesChanged'"
     )
-
-
-def _ip(*args: str) -> None:
-    res = subprocess.run([need("ip"), *args], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {res.stderr.strip()}")
-
-
-def pids_in_mount_ns(inode: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.stat(f"/proc/{name}/ns/mnt").st_ino == inode:
-                    out.append(int(name))
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def _connectable(path: str) -> bool:

@@ -25,6 +25,7 @@ import pytest
 from dbus_next.constants import MessageType
 
 from tests.conftest import require_program, require_root, run
+from tests.lab.machine import Holder, pid_alive
 from tests.lab.netns import SRV_IPS
 from tests.lab.nmlab import (
     CONNECTION_UUID,
@@ -37,7 +38,6 @@ from tests.lab.nmlab import (
     connect,
     dns_configuration,
     nameservers,
-    pid_alive,
     unwrap,
 )
 
@@ -273,16 +273,16 @@ def test_etc_upper_on_tmpfs_when_overlay_fails(
 ) -> None:
     """Where the lab directory cannot be an overlay's upper layer (itself on overlayfs, as
     in some containers), the upper layer goes on a tmpfs only the machine sees."""
-    real = NMLab._in_machine
+    real = Holder.run
 
     def refuse_lab_dir_upper(
-        self: NMLab, *argv: str, check: bool = True
+        self: Holder, *argv: str, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         if "overlay" in argv and any("upperdir=" in a and "/etc-upper," in a for a in argv):
             return subprocess.CompletedProcess(list(argv), 32, "", "mount: injected failure")
         return real(self, *argv, check=check)
 
-    monkeypatch.setattr(NMLab, "_in_machine", refuse_lab_dir_upper)
+    monkeypatch.setattr(Holder, "run", refuse_lab_dir_upper)
     with NMLab(tmp_path, dns=[OLD]) as lab:
         traces = Traces.of(lab)
         assert (lab.dir / "etc-upper-is-on-tmpfs").exists()

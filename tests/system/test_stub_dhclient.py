@@ -34,13 +34,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import dns.message
 import pytest
 
 from agent.sysconf.watch import nameservers
 from tests.conftest import Certs, require_program, require_root
 from tests.lab.agentproc import AgentProcess
-from tests.lab.capture import Packet, leaked
+from tests.lab.capture import cleartext_queries, leaked_with_prefix
 from tests.lab.dhcplab import (
     DHCLIENT,
     DHCLIENT_SCRIPT,
@@ -103,31 +102,6 @@ def wait_for(ok: Callable[[], bool], timeout: float, what: str) -> float:
             raise AssertionError(f"not {what} after {timeout}s")
         time.sleep(0.01)
     return time.monotonic() - t0
-
-
-def cleartext_queries(pkts: list[Packet]) -> list[str]:
-    """The question names of every DNS query the machine sent in the clear (UDP to port
-    53, and TCP to 53 before any TLS: a message that parses)."""
-    names = []
-    for p in pkts:
-        if p.dport != 53 or not p.payload:
-            continue
-        wire = p.payload[2:] if p.proto == "tcp" else p.payload
-        try:
-            msg = dns.message.from_wire(wire)
-        except Exception:  # TLS records, or a segment that is not a message's start
-            continue
-        names += [q.name.to_text() for q in msg.question]
-    return names
-
-
-def leaks_of(pkts: list[Packet], answers: list[Answer], prefix: str) -> dict[str, list[Packet]]:
-    """capture.leaked for the load's names, sped up: every one of them carries PREFIX- (in
-    its first label, so in wire form too), and a packet that does not is not looked at
-    name by name (thousands of names times tens of thousands of packets otherwise)."""
-    token = f"{prefix}-".encode()
-    suspects = [p for p in pkts if token in p.payload.lower()]
-    return leaked(suspects, [a.name for a in answers])
 
 
 def describe(rec: Recording) -> str:
@@ -251,7 +225,7 @@ def test_a_lease_with_new_servers_never_puts_them_in_resolv_conf(
     assert rec.in_place_writes() == [], describe(rec)
     assert rec.dhclient_temp_files() == [], describe(rec)
     # the wire: not one name the client asked for in cleartext; the probe's dummy only
-    leaks = leaks_of(pkts, answers, prefix)
+    leaks = leaked_with_prefix(pkts, [a.name for a in answers], prefix)
     assert leaks == {}, {n: [(p.src, p.dst, p.dport) for p in ps] for n, ps in leaks.items()}
     assert set(cleartext) <= {"STARTTLS."}, cleartext
     assert any(p.dport == 853 and p.dst == NEW and p.payload for p in pkts), "no TLS to NEW"
@@ -334,7 +308,7 @@ def test_control_without_the_agent_dhclient_writes_the_networks_servers(
     assert [v.nameservers for v in rec.foreign()] == [[OLD], [NEW], [OLD], [NEW]], describe(rec)
     assert len(rec.in_place_writes()) >= 3, describe(rec)
     assert len(rec.dhclient_temp_files()) == 3, describe(rec)
-    leaks = leaks_of(pkts, answers, prefix)
+    leaks = leaked_with_prefix(pkts, [a.name for a in answers], prefix)
     assert {p.dst for ps in leaks.values() for p in ps if p.dport == 53} == {OLD, NEW}
     assert answered(answers)["nxdomain"] > 0
 
@@ -364,7 +338,7 @@ def test_control_without_the_hook_a_new_lease_puts_the_networks_server_in_resolv
     after = [v for v in rec.versions if v.t > foreign[0].t]
     assert after and after[0].nameservers == [TUNNEL], describe(rec)
     window = after[0].t - foreign[0].t
-    leaks = leaks_of(pkts, answers, prefix)
+    leaks = leaked_with_prefix(pkts, [a.name for a in answers], prefix)
     print(
         f"control: {NEW} in resolv.conf for {window * 1000:.1f} ms until the agent pointed it "
         f"back; {len(leaks)} of {len(answers)} names in cleartext to "
