@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import ipaddress
 import json
@@ -19,11 +18,16 @@ from typing import Any, NoReturn
 from agent import __version__, config, control
 from agent.control import SOCKET_NAME
 from agent.errors import AgentError, UsageError
-from agent.model import AuthSpec, Order, ProbeResult, ProbeSettings, Profile, UpstreamSpec
-from agent.probe import probe_many
-from agent.tls import parse_pin
-from agent.tunnel import Tunnel, TunnelConfig
-from agent.tunnel.forwarder import DEFAULT_LISTEN
+from agent.model import (
+    AuthSpec,
+    Order,
+    ProbeResult,
+    ProbeSettings,
+    Profile,
+    UpstreamSpec,
+    parse_pin,
+)
+from agent.tunnel.settings import DEFAULT_LISTEN, TunnelConfig
 
 LOG = logging.getLogger(__name__)
 
@@ -381,10 +385,15 @@ def _socket(args: argparse.Namespace) -> Path:
     return Path(runtime) / SOCKET_NAME
 
 
-# The daemon's and the stub's modules are imported by the commands that use them: the
-# netlink watcher's pyroute2 alone costs 24 MiB of memory, and D-Bus another 5, which
-# `tunnel` (a forwarder on its own, like stubby) and the small commands do not need.
+# The daemon's, the stub's, the prober's and the tunnel's modules (and asyncio) are
+# imported by the commands that use them: the netlink watcher's pyroute2 alone costs 24 MiB
+# of memory, and D-Bus another 5, which `tunnel` (a forwarder on its own, like stubby) and
+# the small commands do not need; and the small commands start in half the time (asyncio,
+# ssl and cryptography are most of it), which the hooks' callers wait for: dhclient runs
+# `stub --dhclient` before it goes on.
 def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 (see above)
+
     from agent import daemon  # noqa: PLC0415 (see above)
 
     cfg = config.load_or_explain(args.config)
@@ -465,10 +474,14 @@ def cmd_portal_allow(args: argparse.Namespace) -> int:
 
 
 def cmd_notifications(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 (see cmd_run)
+
     return asyncio.run(_relay_warnings(_socket(args), args.interval, once=args.once))
 
 
 async def _relay_warnings(path: Path, interval: float, *, once: bool) -> int:
+    import asyncio  # noqa: PLC0415 (see cmd_run)
+
     from agent.notifications import DesktopNotifier  # noqa: PLC0415 (see cmd_run)
 
     notifier = DesktopNotifier()
@@ -632,6 +645,8 @@ def format_table(results: Sequence[ProbeResult]) -> str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 (see cmd_run)
+
     if args.profile == Profile.STRICT and not (args.pin or args.ca_file or args.auth_name):
         LOG.info("strict profile without --pin/--ca-file/--auth-name: using the system CA bundle")
     settings = ProbeSettings(
@@ -651,6 +666,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         dns_port=args.dns_port,
         check_resumption=not args.no_resumption,
     )
+    from agent.probe import probe_many  # noqa: PLC0415 (see cmd_run)
+
     results = asyncio.run(probe_many(args.addresses, settings))
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))
@@ -660,6 +677,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_tunnel(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 (see cmd_run)
+
     pins = frozenset(args.pin)
     specs = tuple(dataclasses.replace(u, pins=pins) for u in args.upstream)
     cfg = TunnelConfig(
@@ -687,6 +706,10 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
 
 
 async def _run_tunnel(cfg: TunnelConfig) -> None:
+    import asyncio  # noqa: PLC0415 (see cmd_run)
+
+    from agent.tunnel.forwarder import Tunnel  # noqa: PLC0415 (see cmd_run)
+
     tunnel = Tunnel(cfg)
     await tunnel.start()
     print(

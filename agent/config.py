@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, UsageError
-from agent.model import UpstreamSpec
-from agent.tls import parse_pin
+from agent.model import UpstreamSpec, parse_pin
 
 DEFAULT_FILE = Path("/etc/dnstls-agent/agent.toml")
 

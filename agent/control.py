@@ -6,7 +6,6 @@ mode 0660 in the runtime directory (0750); errors become {"ok": false, "error": 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -14,9 +13,12 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError
+
+if TYPE_CHECKING:  # the server runs in the daemon; the commands that only ask skip asyncio
+    import asyncio
 
 LOG = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class ControlServer:
             if _alive(self.path):
                 raise ControlError(f"another agent answers on {self.path}")
             self.path.unlink()  # left by an agent that died
+        import asyncio  # noqa: PLC0415 (see the top)
+
         old = os.umask(0o117)
         try:
             self.server = await asyncio.start_unix_server(self._serve, path=str(self.path))
@@ -50,6 +54,8 @@ class ControlServer:
         os.chmod(self.path, 0o660)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio  # noqa: PLC0415 (see the top)
+
         try:
             async with asyncio.timeout(5):
                 line = await reader.readline()

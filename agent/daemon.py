@@ -29,7 +29,8 @@ from agent.policy import Warning
 from agent.state import Store
 from agent.sysconf import request as stub_request
 from agent.sysconf.watch import ResolvConfWatch
-from agent.tunnel import Tunnel, TunnelConfig
+from agent.tunnel.forwarder import Tunnel
+from agent.tunnel.settings import TunnelConfig
 from agent.watchers.leases import LeaseWatcher
 from agent.watchers.netlink import NetlinkWatcher
 from agent.watchers.nm import NMWatcher

@@ -1,7 +1,10 @@
-"""Frozen values shared by the rooms: profiles, probe settings and probe results."""
+"""Frozen values shared by the rooms: profiles, probe settings and probe results (and the
+one form of a key pin they are written in)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
@@ -343,3 +346,19 @@ class Knowledge:
     @property
     def key(self) -> tuple[str, str]:
         return (self.network, self.address)
+
+
+def parse_pin(text: str) -> str:
+    """Accept `BASE64`, `pin-sha256="BASE64"` or `sha256/BASE64`; return the bare BASE64."""
+    value = text.strip()
+    for prefix in ("pin-sha256=", "sha256/"):
+        if value.lower().startswith(prefix):
+            value = value[len(prefix) :]
+    value = value.strip().strip('"')
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UsageError(f"pin {text!r} is not base64") from exc
+    if len(raw) != 32:
+        raise UsageError(f"pin {text!r} decodes to {len(raw)} bytes, a SHA-256 pin has 32")
+    return base64.b64encode(raw).decode("ascii")

@@ -9,7 +9,6 @@ upgrade path) and how a saved session is offered for resumption.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import functools
 import hashlib
@@ -20,7 +19,7 @@ import ssl
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.errors import CertificateRejected, UsageError
+from agent.errors import CertificateRejected
 from agent.model import Auth, AuthSpec, IPAddress, Profile, TLSInfo
 
 LOG = logging.getLogger(__name__)
@@ -105,22 +104,6 @@ def spki_pin(cert_der: bytes) -> str:
     cert = x509.load_der_x509_certificate(cert_der)
     spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
-
-
-def parse_pin(text: str) -> str:
-    """Accept `BASE64`, `pin-sha256="BASE64"` or `sha256/BASE64`; return the bare BASE64."""
-    value = text.strip()
-    for prefix in ("pin-sha256=", "sha256/"):
-        if value.lower().startswith(prefix):
-            value = value[len(prefix) :]
-    value = value.strip().strip('"')
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise UsageError(f"pin {text!r} is not base64") from exc
-    if len(raw) != 32:
-        raise UsageError(f"pin {text!r} decodes to {len(raw)} bytes, a SHA-256 pin has 32")
-    return base64.b64encode(raw).decode("ascii")
 
 
 def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:

@@ -29,7 +29,8 @@ import dns.rcode  # noqa: E402
 
 from agent.dns.wire import frame  # noqa: E402
 from agent.model import Method, UpstreamSpec  # noqa: E402
-from agent.tunnel import Tunnel, TunnelConfig  # noqa: E402
+from agent.tunnel.forwarder import Tunnel  # noqa: E402
+from agent.tunnel.settings import TunnelConfig  # noqa: E402
 from tests.lab.certs import CA  # noqa: E402
 from tests.lab.peer import Peer, PeerConfig  # noqa: E402
 

@@ -20,10 +20,7 @@ from typing import Any, Protocol
 
 from agent.sysconf import dhclient
 from agent.sysconf.journal import Journal, JournalError
-from agent.sysconf.networkmanager import NetworkManagerBackend
-from agent.sysconf.resolvconf import ResolvconfBackend
 from agent.sysconf.resolvconf_file import ResolvConfFile, write_in_place
-from agent.sysconf.resolved import ResolvedBackend
 
 LOG = logging.getLogger(__name__)
 
@@ -59,6 +56,12 @@ class Backend(Protocol):
 
 
 def backends(root: Path = Path("/"), nm_bus: str | None = None) -> dict[str, Backend]:
+    # Imported here: D-Bus (dbus-next, asyncio) is not for commands that do not need it,
+    # such as the dhclient hook's `stub --dhclient`, which dhclient waits for.
+    from agent.sysconf.networkmanager import NetworkManagerBackend  # noqa: PLC0415
+    from agent.sysconf.resolvconf import ResolvconfBackend  # noqa: PLC0415
+    from agent.sysconf.resolved import ResolvedBackend  # noqa: PLC0415
+
     return {
         "resolved": ResolvedBackend(root, nm_bus),  # the stub applications ask, whoever feeds it
         "networkmanager": NetworkManagerBackend(root, nm_bus),  # before resolvconf, which NM feeds

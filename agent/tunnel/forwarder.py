@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -28,12 +27,12 @@ from agent.model import AuthSpec, Method, Profile, UpstreamSpec
 from agent.tunnel.connection import UpstreamConn
 from agent.tunnel.listeners import TcpListener, UdpListener
 from agent.tunnel.pending import Pending, Sink
+from agent.tunnel.settings import TunnelConfig
 from agent.tunnel.stats import TunnelStats
 from agent.tunnel.upstream import State, Upstream
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = (("127.0.0.153", 53),)
 TICK = 0.1  # seconds between sweeps of deadlines, idle and stalled connections
 
 
@@ -43,27 +42,6 @@ class Mode(StrEnum):
     PRIVATE = "private"  # at least one private upstream is usable
     CLEARTEXT = "cleartext"  # opportunistic fallback: queries go out in plain DNS
     DOWN = "down"  # nothing usable: every query is answered SERVFAIL
-
-
-@dataclass(frozen=True)
-class TunnelConfig:
-    upstreams: tuple[UpstreamSpec, ...]
-    profile: Profile = Profile.OPPORTUNISTIC
-    ca_file: str | None = None
-    listen: tuple[tuple[str, int], ...] = DEFAULT_LISTEN
-    idle_timeout: float = 60.0  # the draft's suggestion for stub-to-recursive
-    connect_timeout: float = 3.0
-    query_timeout: float = 4.0  # then the client gets SERVFAIL
-    stall_timeout: float = 2.5  # queries out, nothing back: the connection is dead
-    backoff_min: float = 1.0
-    backoff_max: float = 60.0
-    max_pending: int = 10000
-    max_pending_per_client: int = 256
-    max_tcp_clients: int = 256
-    tcp_client_idle: float = 10.0
-    fastopen: bool = True
-    pad: bool = True
-    cleartext_port: int = 53  # opportunistic fallback: plain DNS over TCP to this port
 
 
 def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:

@@ -30,7 +30,8 @@ from agent.model import (
 )
 from agent.policy import Alert, Warning
 from agent.state import Store
-from agent.tunnel import Tunnel, TunnelConfig
+from agent.tunnel.forwarder import Tunnel
+from agent.tunnel.settings import TunnelConfig
 from agent.watchers.nm import NMSnapshot
 from tests.conftest import run
 

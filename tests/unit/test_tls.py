@@ -10,7 +10,7 @@ import pytest
 
 from agent import tls
 from agent.errors import UsageError
-from agent.model import Auth, AuthSpec, Profile
+from agent.model import Auth, AuthSpec, Profile, parse_pin
 from tests.conftest import Certs, require_program
 
 STRICT = Profile.STRICT
@@ -37,15 +37,15 @@ def test_pin_matches_openssl(certs: Certs) -> None:
 
 def test_parse_pin_forms(certs: Certs) -> None:
     pin = certs.good.pin
-    assert tls.parse_pin(pin) == pin
-    assert tls.parse_pin(f'pin-sha256="{pin}"') == pin
-    assert tls.parse_pin(f"sha256/{pin}") == pin
+    assert parse_pin(pin) == pin
+    assert parse_pin(f'pin-sha256="{pin}"') == pin
+    assert parse_pin(f"sha256/{pin}") == pin
 
 
 @pytest.mark.parametrize("bad", ["", "not base64!", base64.b64encode(b"short").decode()])
 def test_parse_pin_rejects(bad: str) -> None:
     with pytest.raises(UsageError, match="pin"):
-        tls.parse_pin(bad)
+        parse_pin(bad)
 
 
 @pytest.mark.parametrize(

@@ -25,9 +25,9 @@ import pytest
 from agent.dns.wire import frame
 from agent.errors import UsageError
 from agent.model import Method, Profile, UpstreamSpec
-from agent.tunnel import Tunnel, TunnelConfig
-from agent.tunnel.forwarder import Mode
+from agent.tunnel.forwarder import Mode, Tunnel
 from agent.tunnel.retransmit import MAX_RETRANSMITS, RTO_INITIAL, RTO_MIN
+from agent.tunnel.settings import TunnelConfig
 from agent.tunnel.upstream import State
 from tests.conftest import Certs, run
 from tests.lab.certs import CertFiles
