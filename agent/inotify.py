@@ -1,7 +1,8 @@
 """Waking up when files change in a directory: libc's inotify through ctypes (the standard
-library has none, and this is no new dependency). Events are drained, not parsed: a
-watcher woken by one looks at its files again (a stat() each), and keeps a slow poll for
-where inotify is missing (no libc inotify, too many watches, a directory not there yet).
+library has none, and this is no new dependency). The agent's watchers drain the events
+without parsing them (`Waker`): one woken looks at its files again (a stat() each), and
+keeps a slow poll for where inotify is missing (no libc inotify, too many watches, a
+directory not there yet). `Inotify.events()` parses them, for whoever needs the names.
 """
 
 from __future__ import annotations
