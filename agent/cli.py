@@ -647,6 +647,8 @@ def format_table(results: Sequence[ProbeResult]) -> str:
 def cmd_probe(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 (see cmd_run)
 
+    from agent.probe import probe_many  # noqa: PLC0415 (see cmd_run)
+
     if args.profile == Profile.STRICT and not (args.pin or args.ca_file or args.auth_name):
         LOG.info("strict profile without --pin/--ca-file/--auth-name: using the system CA bundle")
     settings = ProbeSettings(
@@ -666,8 +668,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
         dns_port=args.dns_port,
         check_resumption=not args.no_resumption,
     )
-    from agent.probe import probe_many  # noqa: PLC0415 (see cmd_run)
-
     results = asyncio.run(probe_many(args.addresses, settings))
     if args.json:
         print(json.dumps([r.to_json() for r in results], indent=2))
