@@ -188,6 +188,16 @@ OPTIONS: tuple[Option, ...] = (
         "0.1",
     ),
     Option(
+        "hold_empty",
+        float,
+        2.0,
+        Scope.GLOBAL,
+        "Seconds the resolvers in use are kept while no interface has any (a device "
+        "re-activating, a slow DHCP), before DNS is no longer served.",
+        _seconds(0, 60),
+        "5",
+    ),
+    Option(
         "max_parallel_probes",
         int,
         8,
@@ -424,6 +434,7 @@ class Config:
     netlink: bool = True
     lease_dirs: tuple[str, ...] = ("/var/lib/dhcp", "/run/systemd/netif/leases")
     debounce: float = 0.1
+    hold_empty: float = 2.0
     max_parallel_probes: int = 8
     idle_timeout: float = 60.0
     split_dns: bool = False

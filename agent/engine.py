@@ -34,13 +34,6 @@ from agent.watchers.nm import NMSnapshot
 
 LOG = logging.getLogger(__name__)
 
-# When the last interface with resolvers loses them (NetworkManager re-activating a device:
-# its DNS configuration is empty for 30-250 ms, longer on real DHCP), the order that served
-# is kept this long before the tunnel is emptied (which answers SERVFAIL at once): measured
-# with bench/lease_to_answer.py --loss, an empty order in between failed every query sent
-# in that window. Only the order already in use is kept: nothing less private than before.
-HOLD_EMPTY = 2.0
-
 Prober = Callable[[str, ProbeSettings], Awaitable[ProbeResult]]
 
 
@@ -109,7 +102,6 @@ class Engine:
         clock: Callable[[], float] = time.time,
         on_warnings: Callable[[list[Warning], list[Warning]], None] | None = None,
         on_search: Callable[[tuple[str, ...]], None] | None = None,
-        hold_empty: float = HOLD_EMPTY,
     ) -> None:
         self.config = config
         self.tunnel = tunnel
@@ -126,7 +118,6 @@ class Engine:
         self.portal_until = 0.0  # the end of a user-allowed captive-portal exception
         self.plan: Plan | None = None
         self.applied: tuple[Any, ...] | None = None
-        self.hold_empty = hold_empty
         self.held_until: float | None = None  # the order in use kept while no link has resolvers
         self.warnings: list[Warning] = []
         self.joined: dict[str, float] = {}  # network -> when it appeared (wall clock)
@@ -273,8 +264,13 @@ class Engine:
         return plan.upstreams if plan else ()
 
     def _holding(self, plan: Plan, links: list[Link]) -> bool:
-        """Keep the order in use a moment when the plan is empty only because no interface
-        has resolvers just now (HOLD_EMPTY)."""
+        """Keep the order in use a moment (the configuration's hold_empty) when the plan is
+        empty only because no interface has resolvers just now.
+
+        NetworkManager re-activating a device empties its DNS configuration for 30-250 ms,
+        longer on real DHCP; an empty order in between (the tunnel answers SERVFAIL at
+        once) failed every query sent in that window (bench/lease_to_answer.py --loss).
+        Only the order already in use is kept: nothing less private than before."""
         gone = (
             not plan.upstreams
             and self.applied is not None
@@ -286,10 +282,10 @@ class Engine:
             return False
         now = self.clock()
         if self.held_until is None:
-            self.held_until = now + self.hold_empty
+            self.held_until = now + self.config.hold_empty
             LOG.info(
                 "no interface has resolvers: the order in use is kept %.1f s (re-activating?)",
-                self.hold_empty,
+                self.config.hold_empty,
             )
         if now < self.held_until:
             return True

@@ -78,9 +78,8 @@ async def started(
 ) -> tuple[Engine, Tunnel, asyncio.Task[None]]:
     tunnel = Tunnel(TunnelConfig(upstreams=(), listen=(("127.0.0.1", 0),)))
     await tunnel.start()
-    engine = Engine(  # no hold of an emptied order here: see the test of its own
-        config, tunnel, Store(tmp), prober=prober, own_addresses={"127.0.0.1"}, hold_empty=0
-    )
+    config = dataclasses.replace(config, hold_empty=0)  # see the hold's own test
+    engine = Engine(config, tunnel, Store(tmp), prober=prober, own_addresses={"127.0.0.1"})
     return engine, tunnel, asyncio.create_task(engine.run())
 
 
@@ -267,7 +266,8 @@ def test_the_order_in_use_is_kept_a_moment_while_no_link_has_resolvers(tmp_path:
         prober = FakeProber({A: Method.TLS_PORT, B: Method.TLS_PORT})
         tunnel = Tunnel(TunnelConfig(upstreams=(), listen=(("127.0.0.1", 0),)))
         await tunnel.start()
-        engine = Engine(cfg(), tunnel, Store(tmp_path), prober=prober, hold_empty=0.3)
+        config = dataclasses.replace(cfg(), hold_empty=0.3)
+        engine = Engine(config, tunnel, Store(tmp_path), prober=prober)
         task = asyncio.create_task(engine.run())
 
         def in_tunnel() -> list[str]:
