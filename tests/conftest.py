@@ -7,8 +7,10 @@ machine but fail it under CI=true: CI must never pass by skipping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +44,18 @@ def require_program(program: str) -> str:
 def require_root() -> None:
     if os.geteuid() != 0:
         missing("needs root (network namespaces)")
+
+
+@contextlib.contextmanager
+def host_untouched(programs: Iterable[str]) -> Iterator[None]:
+    """Root and the programs, for a lab with a machine of its own; the host's own
+    resolv.conf is the same afterwards."""
+    require_root()
+    for program in programs:
+        require_program(program)
+    before = hashlib.sha256(Path("/etc/resolv.conf").read_bytes()).hexdigest()
+    yield
+    assert hashlib.sha256(Path("/etc/resolv.conf").read_bytes()).hexdigest() == before
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:

@@ -59,10 +59,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from agent.inotify import (
@@ -83,7 +82,7 @@ from tests.lab.capture import Capture
 from tests.lab.certs import CertFiles
 from tests.lab.machine import Holder, Machine
 from tests.lab.netns import REPO, SRV_IPS, Netns, new_tag, run_ip
-from tests.lab.proc import Process, need
+from tests.lab.proc import ClosedOnExit, Process, Teardown, need
 from tests.lab.unbound import Unbound, UnboundConfig, answers, tls_listening
 
 HOOK = REPO / "dispatcher.d/dhclient-enter-hooks.d/dnstls-agent"
@@ -233,7 +232,7 @@ class QueryLoad:
 
 
 # -- the lab -----------------------------------------------------------------------------------
-class DhcpLab:
+class DhcpLab(ClosedOnExit):
     """`with DhcpLab(tmp_path, certs.good_lab) as lab: ...`
 
     tls        the resolvers' certificate (for 198.51.100.1 and .2, by a CA the agent trusts)
@@ -567,14 +566,7 @@ group=root
     # -- teardown ------------------------------------------------------------------------------
     def close(self) -> None:
         """Tear everything down, whatever state it is in; idempotent."""
-        errors: list[BaseException] = []
-
-        def step(fn: Callable[[], object]) -> None:
-            try:
-                fn()
-            except Exception as exc:
-                errors.append(exc)
-
+        step = Teardown()
         if self.machine is not None:
             for proc in reversed(self.machine.processes):
                 step(proc.stop)
@@ -586,19 +578,10 @@ group=root
                 step(ns.delete)
         self.cli = self.srv = self.machine = None
         self._holder = None
-        if errors:
-            raise errors[0]
+        step.done()
 
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if t is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as exc:  # do not hide the test's own failure behind a teardown one
-            print(f"dhcplab {self.tag}: teardown failed: {exc!r}", file=sys.stderr)
+    def describe(self) -> str:
+        return f"dhcplab {self.tag}"
 
 
 # -- the machine's watchers, run as `python -m tests.lab.dhcplab record|query ...` --------------

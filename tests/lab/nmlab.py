@@ -59,7 +59,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 from dbus_next.aio.message_bus import MessageBus
@@ -70,7 +69,7 @@ from dbus_next.signature import Variant
 from agent.dbus import blocking
 from tests.lab.machine import Holder, Machine, clean_env, stop_foreign
 from tests.lab.netns import SRV_IPS, Netns, new_tag, run_ip
-from tests.lab.proc import Process, need
+from tests.lab.proc import ClosedOnExit, Process, Teardown, need
 
 CONNECTION_UUID = "6e6d6c61-622d-4468-a370-2d6c61623031"
 CONNECTION_ID = "nmlab-dhcp"
@@ -170,7 +169,7 @@ class DBusError(RuntimeError):
     """A D-Bus call answered with an error."""
 
 
-class NMLab:
+class NMLab(ClosedOnExit):
     """Use as a context manager: `with NMLab(tmp_path, dns=["198.51.100.1"]) as lab: ...`.
 
     dns         the DNS servers dnsmasq hands out at first (IPv6 ones only with ipv6=True)
@@ -809,14 +808,7 @@ dhcp-hostname={HOSTNAME}
     def close(self) -> None:
         """Tear everything down, whatever state it is in; idempotent. Raises the first
         error only after trying every step."""
-        errors: list[BaseException] = []
-
-        def step(fn: Callable[[], object]) -> None:
-            try:
-                fn()
-            except Exception as exc:
-                errors.append(exc)
-
+        step = Teardown()
         # what the caller started in the lab, while NM and the bus are still there
         for ns in (self.machine, self.cli, self.srv):
             if ns is not None:
@@ -847,19 +839,10 @@ dhcp-hostname={HOSTNAME}
         if self._short_dir is not None:
             step(functools.partial(shutil.rmtree, self._short_dir, ignore_errors=True))
             self._short_dir = None
-        if errors:
-            raise errors[0]
+        step.done()
 
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if t is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as exc:  # do not hide the test's own failure behind a teardown one
-            print(f"nmlab {self.tag}: teardown failed: {exc!r}", file=sys.stderr)
+    def describe(self) -> str:
+        return f"nmlab {self.tag}"
 
 
 def _dns_match() -> str:

@@ -6,9 +6,11 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import TracebackType
 
 
 class Missing(RuntimeError):
@@ -77,3 +79,43 @@ class Process:
                 self.popen.kill()
                 self.popen.wait(timeout)
         self._logf.close()
+
+
+class Teardown:
+    """The steps of a teardown: each is tried whatever the ones before did; `done()` then
+    raises the first error (`step(fn)` for a step)."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    def __call__(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self.errors.append(exc)
+
+    def done(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
+class ClosedOnExit:
+    """A lab as a context manager: `close()` at exit; when the test failed, a failing
+    teardown is printed, not raised (it would hide the test's own failure)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if t is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as exc:
+            print(f"{self.describe()}: teardown failed: {exc!r}", file=sys.stderr)

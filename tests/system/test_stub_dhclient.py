@@ -24,7 +24,6 @@ Needs root, isc-dhcp-client, dnsmasq, unbound, tcpdump, dig (runs in CI).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import signal
@@ -37,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from agent.sysconf.watch import nameservers
-from tests.conftest import Certs, require_program, require_root
+from tests.conftest import Certs, host_untouched
 from tests.lab.agentproc import AgentProcess
 from tests.lab.capture import cleartext_queries, leaked_with_prefix
 from tests.lab.dhcplab import (
@@ -70,13 +69,8 @@ def order_is(address: str) -> set[str]:
 
 @pytest.fixture
 def host() -> Iterator[None]:
-    """Root and the programs; the host's own resolv.conf is the same afterwards."""
-    require_root()
-    for program in PROGRAMS:
-        require_program(program)
-    before = hashlib.sha256(Path("/etc/resolv.conf").read_bytes()).hexdigest()
-    yield
-    assert hashlib.sha256(Path("/etc/resolv.conf").read_bytes()).hexdigest() == before
+    with host_untouched(PROGRAMS):
+        yield
 
 
 @pytest.fixture

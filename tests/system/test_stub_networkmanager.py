@@ -14,7 +14,6 @@ Needs root and NetworkManager, dnsmasq, dbus-daemon (runs in CI).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import signal
 import sys
@@ -27,7 +26,7 @@ import pytest
 
 from agent import sysconf
 from agent.sysconf import networkmanager as nmb
-from tests.conftest import require_program, require_root
+from tests.conftest import host_untouched
 from tests.lab.agentproc import AgentProcess
 from tests.lab.netns import SRV_IPS
 from tests.lab.nmlab import DOMAIN, NMLab
@@ -49,13 +48,8 @@ def search(text: str) -> list[str]:
 
 @pytest.fixture
 def host() -> Iterator[None]:
-    """Root and the programs; the host's own resolv.conf is the same afterwards."""
-    require_root()
-    for program in PROGRAMS:
-        require_program(program)
-    before = hashlib.sha256(Path("/etc/resolv.conf").read_bytes()).hexdigest()
-    yield
-    assert hashlib.sha256(Path("/etc/resolv.conf").read_bytes()).hexdigest() == before
+    with host_untouched(PROGRAMS):
+        yield
 
 
 @pytest.fixture
