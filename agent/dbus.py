@@ -70,14 +70,7 @@ def talk(
 
     try:
         return blocking(conversation, timeout)
-    except (
-        OSError,
-        EOFError,
-        TimeoutError,
-        AuthError,
-        InvalidAddressError,
-        InvalidMessageError,
-    ) as exc:
+    except TRANSPORT_ERRORS as exc:
         raise error(f"{where}: {exc!r}") from exc
 
 
