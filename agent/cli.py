@@ -159,7 +159,8 @@ def _add_probe(sub: Sub) -> None:
         type=_positive,
         default=ProbeSettings.fallback_delay,
         metavar="S",
-        help="start the other path if the first has not connected by then (default %(default)s)",
+        help="start the other path if the first has not finished its TLS handshake by then "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--probe-name",
@@ -206,6 +207,11 @@ def _add_tunnel(sub: Sub) -> None:
     )
     t.add_argument(
         "--profile", choices=[x.value for x in Profile], default=Profile.OPPORTUNISTIC.value
+    )
+    t.add_argument(
+        "--no-cleartext-fallback",
+        action="store_true",
+        help="opportunistic: never fall back to plain DNS over TCP to the same resolvers",
     )
     t.add_argument(
         "--pin",
@@ -260,8 +266,15 @@ def _add_daemon(sub: Sub) -> None:
         "restore",
         help="bring the system's stub resolver back to what it was before the agent",
         description="Undoes every change the agent made to the system's DNS configuration, "
-        "as recorded in its state directory; safe to run at any time, also after a crash "
-        "(the systemd unit runs it after every stop).",
+        "as recorded in its state directory; safe to run at any time, also after a crash. "
+        "The systemd unit runs it after every stop with --unless-restarting.",
+    )
+    rs.add_argument(
+        "--unless-restarting",
+        action="store_true",
+        help="as the unit's ExecStopPost: under a strict or encrypted profile, leave the stub "
+        "pointed at the tunnel when systemd starts the daemon again (a restart job, a crash "
+        "or watchdog kill under Restart=always): no DNS meanwhile rather than cleartext",
     )
     rs.set_defaults(func=cmd_restore)
     st = sub.add_parser(
@@ -275,7 +288,10 @@ def _add_daemon(sub: Sub) -> None:
         "pointed (the path unit dnstls-agent-stub.path runs it as root). `--dhclient` is "
         "dhclient-script's make_resolv_conf while the stub is pointed (its enter hook runs it): "
         "the lease's file becomes what restore puts back and resolv.conf keeps pointing at the "
-        "tunnel. `--show` only says which backend would be used and what is journalled.",
+        "tunnel. `--show` only says which backend would be used and what is journalled. "
+        'stub_backend = "resolv.conf" where NetworkManager, resolvconf or systemd-resolved '
+        "writes /etc/resolv.conf is refused (exit status 2) under a strict or encrypted "
+        "profile, and warned about under opportunistic.",
     )
     how = st.add_mutually_exclusive_group()
     how.add_argument("--show", action="store_true", help="change nothing; say what would be done")
@@ -428,6 +444,8 @@ def cmd_stub(args: argparse.Namespace) -> int:
         search = asked.search if asked is not None else None
         print(sysconf.refresh(state, [address], search, nm_bus=cfg.nm_bus or None))
         return EXIT_OK
+    # refused (StubRefused, a UsageError: status 2) before anything changes
+    sysconf.check_backend(backend, cfg.profiles(), nm_bus=cfg.nm_bus or None)
     print(sysconf.apply(state, backend, [address], _asked_search(runtime)))
     return EXIT_OK
 
@@ -447,12 +465,19 @@ def _asked_search(runtime: Path) -> list[str] | None:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from agent import sysconf  # noqa: PLC0415 (see cmd_run)
+    from agent.sysconf import privacy  # noqa: PLC0415
 
     try:
-        state_dir = config.load(args.config).state_dir
+        cfg = config.load(args.config)
     except config.ConfigError:
-        state_dir = config.Config().state_dir  # a broken file must not stop a restore
-    print(sysconf.restore(Path(state_dir)))
+        cfg = config.Config()  # a broken file must not stop a restore
+    if args.unless_restarting:
+        at_stop = privacy.at_stop(cfg.profiles(), privacy.stop_facts(os.environ))
+        if at_stop.keep:
+            print(f"the system stub is left pointed at the tunnel: {at_stop.reason}")
+            return EXIT_OK
+        print(f"restoring the system stub: {at_stop.reason}")
+    print(sysconf.restore(Path(cfg.state_dir)))
     return EXIT_OK
 
 
@@ -679,11 +704,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_tunnel(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415 (see cmd_run)
 
+    from agent.policy import tunnel_order  # noqa: PLC0415 (see cmd_run)
+
     pins = frozenset(args.pin)
-    specs = tuple(dataclasses.replace(u, pins=pins) for u in args.upstream)
+    profile = Profile(args.profile)
+    given = [dataclasses.replace(u, pins=pins) for u in args.upstream]
+    specs = tunnel_order(given, profile, cleartext_fallback=not args.no_cleartext_fallback)
     cfg = TunnelConfig(
         upstreams=specs,
-        profile=Profile(args.profile),
+        profile=profile,
         ca_file=args.ca_file,
         listen=tuple(args.listen or DEFAULT_LISTEN),
         idle_timeout=args.idle_timeout,

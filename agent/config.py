@@ -216,6 +216,17 @@ OPTIONS: tuple[Option, ...] = (
         "60",
     ),
     Option(
+        "query_timeout",
+        float,
+        5.0,
+        Scope.GLOBAL,
+        "Seconds a query is waited for before the client gets SERVFAIL. A slow answer is "
+        "waited for, never sent again in cleartext: a connection counts as dead only on "
+        "evidence (closed, reset, a TLS error, or silent also to a liveness probe).",
+        _seconds(1, 30),
+        "5",
+    ),
+    Option(
         "split_dns",
         bool,
         False,
@@ -312,7 +323,8 @@ OPTIONS: tuple[Option, ...] = (
         float,
         0.25,
         Scope.LINK,
-        "Start the other TLS path when the first has not connected by then, seconds.",
+        "Start the other TLS path when the first has not finished its TLS handshake by then, "
+        "seconds.",
         _seconds(0, 10),
         "0.25",
     ),
@@ -437,6 +449,7 @@ class Config:
     hold_empty: float = 2.0
     max_parallel_probes: int = 8
     idle_timeout: float = 60.0
+    query_timeout: float = 5.0
     split_dns: bool = False
     defaults: LinkSettings = LinkSettings()
     interfaces: tuple[InterfaceRule, ...] = ()
@@ -451,6 +464,13 @@ class Config:
             if rule.matches(name, conn, ssid):
                 values.update(rule.overrides)
         return _link_settings(values, self.defaults) if values else self.defaults
+
+    def profiles(self) -> set[str]:
+        """Every profile the configuration names, global or per interface."""
+        named = {
+            str(rule.overrides.get("profile", self.defaults.profile)) for rule in self.interfaces
+        }
+        return named | {str(self.defaults.profile)}
 
 
 def parse_listen(text: str) -> tuple[str, int]:

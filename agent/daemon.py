@@ -23,12 +23,13 @@ from agent.config import Config
 from agent.control import SOCKET_NAME, ControlServer
 from agent.engine import Engine
 from agent.errors import AgentError, UsageError
-from agent.model import Profile
+from agent.model import Failure, Profile, UpstreamSpec
 from agent.notifications import DesktopNotifier
 from agent.policy import Warning
 from agent.state import Store
 from agent.sysconf import request as stub_request
 from agent.sysconf.watch import ResolvConfWatch
+from agent.tunnel.events import Mode
 from agent.tunnel.forwarder import Tunnel
 from agent.tunnel.settings import TunnelConfig
 from agent.watchers.leases import LeaseWatcher
@@ -63,7 +64,9 @@ class Daemon:
                 profile=Profile.OPPORTUNISTIC,
                 listen=cfg.listen,
                 idle_timeout=cfg.idle_timeout,
-            )
+                query_timeout=cfg.query_timeout,
+            ),
+            events=self,
         )
         await self.tunnel.start()
         store = Store(Path(cfg.state_dir))
@@ -100,6 +103,19 @@ class Daemon:
             await self.stopping.wait()
         finally:
             await self.stop()
+
+    # -- what the tunnel reports (TunnelEvents): to the engine, which decides ------------------
+    def upstream_failed(self, spec: UpstreamSpec, failure: Failure, detail: str) -> None:
+        if self.engine is not None:
+            self.engine.upstream_failed(spec, failure, detail)
+
+    def upstream_recovered(self, spec: UpstreamSpec) -> None:
+        if self.engine is not None:
+            self.engine.upstream_recovered(spec)
+
+    def mode_changed(self, mode: Mode, why: str) -> None:
+        if self.engine is not None:
+            self.engine.mode_changed(mode.value, why)
 
     def _on_warnings(self, raised: list[Warning], cleared: list[Warning]) -> None:
         """Where users look: besides the log and status, the desktop (best effort)."""
@@ -167,8 +183,10 @@ class Daemon:
         ExecStopPost=+ do it as root."""
         if not self.cfg.manage_stub or os.geteuid() != 0:
             return
+        backend = sysconf.choose(self.cfg.stub_backend, nm_bus=self.cfg.nm_bus or None)
+        # a backend that would leave a cleartext window under strict: refused, the daemon stops
+        sysconf.check_backend(backend, self.cfg.profiles(), nm_bus=self.cfg.nm_bus or None)
         try:
-            backend = sysconf.choose(self.cfg.stub_backend, nm_bus=self.cfg.nm_bus or None)
             said = sysconf.apply(
                 Path(self.cfg.state_dir), backend, [self.cfg.listen[0][0]], self._search()
             )

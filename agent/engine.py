@@ -4,6 +4,11 @@ watcher snapshot -> link table (mark and sweep per source) -> policy -> probes -
 policy again -> tunnel (new order, atomically) -> state. Events are debounced; probes
 run with bounded concurrency; the plan is re-made when a probe ends, a watcher
 reports, the configuration is reloaded, or the plan's own wake-up time comes.
+
+The loop is closed: what the running tunnel learns (an upstream failed on evidence,
+recovered, the tunnel's mode changed) comes back here as `TunnelEvents`, goes through
+the policy into what is known (a re-probe, the other TLS path first), and a change of
+mode reaches the user as a warning like any other.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from typing import Any, Protocol
 
 from agent.config import Config
 from agent.errors import UsageError
-from agent.model import Link, ProbeResult, ProbeSettings, Profile, Source, UpstreamSpec
+from agent.model import (
+    Failure,
+    Link,
+    ProbeResult,
+    ProbeSettings,
+    Profile,
+    Source,
+    UpstreamSpec,
+)
 from agent.policy import (
     Plan,
     ProbeRequest,
@@ -27,6 +40,7 @@ from agent.policy import (
     learn,
     search_domains,
     settings_for,
+    tunnel_failed,
 )
 from agent.probe import probe
 from agent.state import State, Store
@@ -115,6 +129,7 @@ class Engine:
         self.search: tuple[str, ...] | None = None  # the network's search domains, last seen
         self.links = LinkTable()
         self.connectivity = "unknown"
+        self.tunnel_mode: tuple[str, str] = ("private", "")  # as the tunnel reported it last
         self.portal_until = 0.0  # the end of a user-allowed captive-portal exception
         self.plan: Plan | None = None
         self.applied: tuple[Any, ...] | None = None
@@ -151,6 +166,31 @@ class Engine:
     def _replace(self, source: Source, links: Mapping[str, Link]) -> None:
         if self.links.replace(source, links):
             self.poke(f"{source} changed")
+
+    # -- what the running tunnel reports (TunnelEvents) ------------------------------------
+    def upstream_failed(self, spec: UpstreamSpec, failure: Failure, detail: str) -> None:
+        now = self.clock()
+        changed = False
+        for link in self.links.merged():
+            if not any(r.address == spec.address for r in link.resolvers) and not any(
+                u.address == spec.address for u in settings_for(self.config, link).static_resolvers
+            ):
+                continue
+            key = (link.network_id, spec.address)
+            k = tunnel_failed(self.state.knowledge.get(key), spec, failure, detail, now)
+            if k is not None:
+                self.state.remember(k)
+                changed = True
+        if changed:
+            self._save_due = True
+            self.poke(f"the tunnel's connection to {spec} failed ({failure})")
+
+    def upstream_recovered(self, spec: UpstreamSpec) -> None:
+        LOG.info("%s works again", spec)
+
+    def mode_changed(self, mode: str, why: str) -> None:
+        self.tunnel_mode = (str(mode), why)
+        self.poke(f"tunnel mode {mode}")
 
     def poke(self, why: str) -> None:
         LOG.debug("re-planning: %s", why)
@@ -219,6 +259,7 @@ class Engine:
             joined=self.joined,
             connectivity=self.connectivity,
             portal_until=self.portal_until,
+            tunnel_mode=self.tunnel_mode,
         )
         self.plan = plan
         self.decisions += 1

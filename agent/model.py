@@ -170,7 +170,8 @@ class ProbeSettings:
     order: Order = Order.PORT_FIRST
     timeout: float = 5.0  # the one overall deadline, seconds
     connect_timeout: float = 3.0  # ceiling for one TCP connect, within the deadline
-    fallback_delay: float = 0.25  # start the other path if the first has not connected by then
+    fallback_delay: float = 0.25  # start the other path if the first has not finished
+    #                               its TLS handshake by then
     udp_timeout: float = 1.0
     probe_name: str = "."
     probe_type: str = "NS"
@@ -342,6 +343,10 @@ class Knowledge:
     path_first: Order | None = None  # the TLS path that worked, tried first next time
     resumption: bool | None = None
     failures: tuple[str, ...] = ()  # why the failed paths failed, last probe
+    plain: Method | None = None  # the cleartext transport that answered (TCP_PLAIN, UDP_PLAIN)
+    pin_stable: int = 0  # probes in a row that showed the current key
+    suspect_at: float = 0.0  # the running tunnel's connection to it failed then
+    suspect: str = ""  # ... and why
 
     @property
     def key(self) -> tuple[str, str]:

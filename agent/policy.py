@@ -3,6 +3,10 @@
 No I/O, no clock (time is a parameter), no asyncio: everything here is a function
 of the link table, the configuration and what was learnt, so it is tested
 table-driven with a fake clock. Every choice carries a reason a human can read.
+
+This is the one place that decides what may travel in cleartext, to whom and over
+which transport: an order reaches the tunnel with its cleartext entries, if any,
+spelled out (last, after every private one), and the tunnel adds nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from agent.config import Config, ConfigProfile, LinkSettings
 from agent.model import (
     Auth,
     AuthSpec,
+    Failure,
     Knowledge,
     Link,
     Method,
     NetResolver,
     Order,
+    Path,
     ProbeResult,
     ProbeSettings,
     Profile,
@@ -29,6 +35,8 @@ from agent.model import (
 )
 
 MAX_PINS_SEEN = 8
+KEY_STABLE_PROBES = 3  # a changed key is warned about until seen in this many probes in a row
+SUSPECT_REPROBE_MIN = 30.0  # a resolver the tunnel saw fail is re-probed at most this often
 _STRICTNESS = {Profile.OPPORTUNISTIC: 0, Profile.ENCRYPTED: 1, Profile.STRICT: 2}
 
 
@@ -39,6 +47,11 @@ class Alert(StrEnum):
     CLEARTEXT = "cleartext"  # opportunistic: this link's DNS goes out in cleartext
     PORTAL = "portal"  # a captive portal: its own (cleartext, often spoofed) DNS in use
     PORTAL_BLOCKED = "portal-blocked"  # strict/encrypted behind a portal: no DNS until allowed
+    TUNNEL_CLEARTEXT = "tunnel-cleartext"  # at run time: every private path failed, cleartext now
+    TUNNEL_DOWN = "tunnel-down"  # at run time: nothing answers, no DNS
+
+
+TUNNEL = "tunnel"  # the `ifname` of warnings about the whole machine's tunnel
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,7 @@ def learn(
     if pin and (not seen or seen[-1] != pin):
         seen = (*seen, pin)[-MAX_PINS_SEEN:]
     answered_dns = result.method in (Method.TCP_PLAIN, Method.UDP_PLAIN)
+    stable = prev.pin_stable + 1 if pin and pin == prev.pin else (1 if pin else prev.pin_stable)
     path_first = prev.path_first
     if result.method is Method.TLS_PORT:
         path_first = Order.PORT_FIRST
@@ -139,7 +153,57 @@ def learn(
         path_first=path_first,
         resumption=result.resumption,
         failures=tuple(f"{k}: {v}" for k, v in result.failures.items()),
+        plain=plain_seen(result),
+        pin_stable=stable,
+        suspect_at=0.0,
+        suspect="",
     )
+
+
+def plain_seen(result: ProbeResult) -> Method | None:
+    """The cleartext transport the resolver answered on in this probe, if any: TCP/53 (the
+    STARTTLS exchange, or a plain answer there), else UDP/53 (the TO hint)."""
+    tcp = result.method is Method.TCP_PLAIN or any(
+        p.path is Path.UPGRADE and p.to_in_response is not None for p in result.paths
+    )
+    if tcp:
+        return Method.TCP_PLAIN
+    if result.method is Method.UDP_PLAIN or any(
+        p.path is Path.UDP and p.method is Method.UDP_PLAIN for p in result.paths
+    ):
+        return Method.UDP_PLAIN
+    return None
+
+
+def tunnel_failed(
+    k: Knowledge | None, spec: UpstreamSpec, failure: Failure, detail: str, now: float
+) -> Knowledge | None:
+    """The running tunnel's connection to a private upstream failed on evidence: what was
+    learnt in the probe is suspect, and the resolver is probed again (at most every
+    SUSPECT_REPROBE_MIN s): the probe finds what works now (the other TLS path, or
+    nothing), and the order follows. A cleartext upstream's failure teaches nothing here."""
+    if k is None or not spec.private or spec.method is not k.method:
+        return None
+    return replace(k, suspect_at=now, suspect=f"{spec.method} {failure}: {detail}")
+
+
+def tunnel_order(
+    specs: Iterable[UpstreamSpec],
+    profile: Profile,
+    *,
+    cleartext_fallback: bool = True,
+    cleartext_port: int = 53,
+) -> tuple[UpstreamSpec, ...]:
+    """The order for a tunnel given its upstreams by hand (the `tunnel` command): as given,
+    and, under opportunistic with the fallback on, the same resolvers in plain DNS over TCP
+    last, each used only once every private path failed."""
+    order = list(dict.fromkeys(specs))
+    if profile.allows_cleartext and cleartext_fallback:
+        for s in [s for s in order if s.private]:
+            fallback = UpstreamSpec(s.address, Method.TCP_PLAIN, cleartext_port)
+            if fallback not in order:
+                order.append(fallback)
+    return tuple(order)
 
 
 # -- deciding ------------------------------------------------------------------------------------
@@ -193,7 +257,9 @@ def auth_spec(profile: Profile, s: LinkSettings, r: NetResolver) -> AuthSpec:
 def probe_settings(
     profile: Profile, s: LinkSettings, r: NetResolver, k: Knowledge | None
 ) -> ProbeSettings:
-    if s.order == "auto":
+    if s.order == "auto" and k is not None and k.suspect_at and k.method is Method.TLS_PORT:
+        order = Order.UPGRADE_FIRST  # port 853 just failed at run time: the other path first
+    elif s.order == "auto":
         order = k.path_first if k and k.path_first else Order.PORT_FIRST
     else:
         order = Order(s.order)
@@ -224,6 +290,7 @@ def decide(
     joined: Mapping[str, float] | None = None,
     connectivity: str = "unknown",
     portal_until: float = 0.0,
+    tunnel_mode: tuple[str, str] = ("private", ""),
 ) -> Plan:
     """The whole machine's plan.
 
@@ -231,6 +298,8 @@ def decide(
     network was (re)joined; what was learnt before that is used at once and revalidated.
     `connectivity`: NetworkManager's word ("portal": a captive portal); `portal_until`:
     the end of a supervised exception that lets strict use the portal's DNS to log in.
+    `tunnel_mode`: what the running tunnel reported last (private, cleartext or down) and
+    why: a change at run time is told to the user like any other.
     """
     active: list[tuple[Link, LinkSettings, Profile]] = []
     for link in links:
@@ -252,6 +321,7 @@ def decide(
     for c in d.candidates:
         if c.upstream not in upstreams:
             upstreams.append(c.upstream)
+    d.tunnel(tunnel_mode, upstreams)
     return Plan(
         profile=machine,
         upstreams=tuple(upstreams),
@@ -308,6 +378,10 @@ class _Decider:
             why = "not probed on this network yet"
         elif k.negative_until > now:
             self.wake.append(k.negative_until)
+        elif k.suspect_at > k.probed_at and now - k.probed_at >= SUSPECT_REPROBE_MIN:
+            why = f"the tunnel's connection failed ({k.suspect}): probing again"
+        elif k.suspect_at > k.probed_at:
+            self.wake.append(k.probed_at + SUSPECT_REPROBE_MIN)
         elif now - k.probed_at >= s.reprobe_interval:
             why = f"re-probe: last probed {now - k.probed_at:.0f} s ago"
         elif k.probed_at < self.joined.get(net, 0.0):
@@ -320,11 +394,17 @@ class _Decider:
 
     def link(self, link: Link, s: LinkSettings, profile: Profile, own: Collection[str]) -> None:
         machine = self.machine
+        plain_ok = machine is Profile.OPPORTUNISTIC and s.cleartext_fallback
         usable = unknown = 0
         for i, r in enumerate(_resolvers(link, s, own)):
             k = self.knowledge_of(link, r)
             self.maybe_probe(link, s, r, k)
-            if k is not None and len(k.pins_seen) > 1 and k.pin == k.pins_seen[-1]:
+            if (
+                k is not None
+                and len(k.pins_seen) > 1
+                and k.pin == k.pins_seen[-1]
+                and k.pin_stable < KEY_STABLE_PROBES
+            ):
                 text = f"{r.address} on {link.ifname} shows another key than before on this network"
                 self.warn(Alert.KEY_CHANGED, link, r.address, text)
             if k is None:
@@ -342,14 +422,17 @@ class _Decider:
                 up = _upstream(r, s, k.method)
                 self.use(link, profile, i, up, 0 if authenticated else 1, lat, f"{k.method}, {how}")
                 usable += 1
+                if plain_ok and k.plain is not None:
+                    why = (f"{k.plain} fallback: only once every private path failed "
+                           "(opportunistic)")  # fmt: skip
+                    self.use(link, profile, i, _upstream(r, s, k.plain), 3, math.inf, why)
                 continue
             if k.tls_ok_at > 0:
                 why = "; ".join(k.failures) or str(k.method)
                 text = f"{r.address} on {link.ifname} did TLS here before and does not now ({why})"
                 self.warn(Alert.DOWNGRADE, link, r.address, text)
-            plain_ok = machine is Profile.OPPORTUNISTIC and s.cleartext_fallback
             if plain_ok and k.method in (Method.TCP_PLAIN, Method.UDP_PLAIN):
-                up = _upstream(r, s, Method.TCP_PLAIN)
+                up = _upstream(r, s, k.method)
                 why = "no TLS: cleartext, after every private path (opportunistic)"
                 self.use(link, profile, i, up, 3, math.inf, why)
                 continue
@@ -368,6 +451,18 @@ class _Decider:
 
     def knowledge_of(self, link: Link, r: NetResolver) -> Knowledge | None:
         return self.knowledge.get((link.network_id, r.address))
+
+    def tunnel(self, mode: tuple[str, str], upstreams: list[UpstreamSpec]) -> None:
+        """What the running tunnel reported: cleartext or no DNS at all is told to the user
+        (the order's own warnings say what was planned; these, what happened)."""
+        state, why = mode
+        because = f" ({why})" if why else ""
+        if state == "cleartext":
+            text = f"every private path failed: DNS goes out in cleartext now{because}"
+            self.warnings.append(Warning(Alert.TUNNEL_CLEARTEXT, TUNNEL, None, text))
+        elif state == "down" and upstreams:
+            text = f"no resolver answers: no DNS now ({self.machine}){because}"
+            self.warnings.append(Warning(Alert.TUNNEL_DOWN, TUNNEL, None, text))
 
 
 def _portal(

@@ -1,10 +1,12 @@
 """One resolver in, one ProbeResult out: which private path works, how fast, how authenticated.
 
 Port-based TLS (853) and the STARTTLS upgrade on TCP/53 race happy-eyeballs
-style: the second path starts when the first has not connected within
-`fallback_delay`, or as soon as the first fails. A UDP query with the TO flag
-runs beside them as a hint. Everything shares one absolute deadline; failures
-are recorded as data and never raised.
+style: the second path starts when the first has not finished its TLS handshake
+within `fallback_delay`, or as soon as the first fails. Waiting for the handshake,
+not just the TCP connect, matters because some middleboxes accept TCP on 853 and
+then say nothing. A UDP query with the TO flag runs beside them as a hint.
+Everything shares one absolute deadline; failures are recorded as data and never
+raised.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class _Trace:
         self.path = path
         self.t0 = self.loop.time()
         self.started_ms = (self.t0 - probe_t0) * 1000
-        self.connected = asyncio.Event()
+        self.handshake_done = asyncio.Event()
         self.marks: dict[str, float] = {}
         self.tls: TLSInfo | None = None
         self.session: ssl.SSLSession | None = None
@@ -84,8 +86,8 @@ class _Trace:
 
     def mark(self, what: str) -> None:
         self.marks[what] = (self.loop.time() - self.t0) * 1000
-        if what == "connect":
-            self.connected.set()
+        if what == "handshake":
+            self.handshake_done.set()
 
     def outcome(
         self, method: Method, failure: Failure | None = None, detail: str = ""
@@ -323,7 +325,11 @@ _RANK = {
 async def _race(
     address: str, settings: ProbeSettings, t0: float, deadline: float
 ) -> tuple[list[PathOutcome], dict[Path, _Trace]]:
-    """Run the two TCP paths happy-eyeballs style until one gives acceptable TLS or both end."""
+    """Run the two TCP paths happy-eyeballs style until one gives acceptable TLS or both end.
+
+    The second path starts when the first has not finished its TLS handshake by
+    `fallback_delay` after the probe began, or as soon as the first ends without TLS.
+    """
     loop = asyncio.get_running_loop()
     first, second = (Path.PORT, Path.UPGRADE)
     if settings.order is Order.UPGRADE_FIRST:
@@ -338,14 +344,14 @@ async def _race(
         return task
 
     first_task = start(first)
-    first_connected = traces[first_task].connected
+    first_handshake = traces[first_task].handshake_done
     second_task: asyncio.Task[PathOutcome] | None = None
     pending = {first_task}
     outcomes: list[PathOutcome] = []
     try:
         while pending:
             timeout = None
-            if second_task is None and not first_connected.is_set():
+            if second_task is None and not first_handshake.is_set():
                 timeout = max(0.0, t0 + settings.fallback_delay - loop.time())
             done, pending = await asyncio.wait(
                 pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -353,7 +359,7 @@ async def _race(
             outcomes.extend(t.result() for t in done)
             if any(o.method.private for o in outcomes):
                 break
-            if second_task is None and (done or not first_connected.is_set()):
+            if second_task is None and (done or not first_handshake.is_set()):
                 second_task = start(second)
                 pending.add(second_task)
     finally:
@@ -362,7 +368,12 @@ async def _race(
         await asyncio.gather(*pending, return_exceptions=True)
     for task in pending:
         trace = traces[task]
-        detail = "connected, " if trace.connected.is_set() else ""
+        if trace.handshake_done.is_set():
+            detail = "handshake done, "
+        elif "connect" in trace.marks:
+            detail = "connected, "
+        else:
+            detail = ""
         detail += "another path succeeded first"
         outcomes.append(trace.outcome(Method.UNREACHABLE, Failure.ABANDONED, detail))
     return outcomes, {tr.path: tr for tr in traces.values()}

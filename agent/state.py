@@ -44,6 +44,7 @@ def _encode(k: Knowledge) -> dict[str, Any]:
     d["method"] = k.method.value
     d["auth"] = k.auth.value if k.auth else None
     d["path_first"] = k.path_first.value if k.path_first else None
+    d["plain"] = k.plain.value if k.plain else None
     d["pins_seen"] = list(k.pins_seen)
     d["failures"] = list(k.failures)
     return d
@@ -57,6 +58,7 @@ def _decode(d: Mapping[str, Any]) -> Knowledge:
     values["method"] = Method(values.get("method", Method.UNREACHABLE.value))
     values["auth"] = Auth(values["auth"]) if values.get("auth") else None
     values["path_first"] = Order(values["path_first"]) if values.get("path_first") else None
+    values["plain"] = Method(values["plain"]) if values.get("plain") else None
     values["pins_seen"] = tuple(values.get("pins_seen", ()))
     values["failures"] = tuple(values.get("failures", ()))
     for key in ("network", "address"):

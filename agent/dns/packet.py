@@ -30,6 +30,7 @@ OPTION_PADDING = 12
 PAD_BLOCK = 128
 UDP_DEFAULT = 512  # a client without EDNS
 EDNS_PAYLOAD = 1232
+MAX_MESSAGE = 65535  # the TCP length prefix's limit
 MAX_LABELS = 128
 
 

@@ -14,12 +14,13 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent.sysconf import dhclient
 from agent.sysconf.journal import Journal, JournalError
+from agent.sysconf.privacy import Fit, StubRefused, plain_file
 from agent.sysconf.resolvconf_file import ResolvConfFile, write_in_place
 
 LOG = logging.getLogger(__name__)
@@ -80,6 +81,32 @@ def choose(name: str = "auto", root: Path = Path("/"), nm_bus: str | None = None
         if backend.detect():
             return backend
     return known["resolv.conf"]
+
+
+def other_writer(root: Path = Path("/"), nm_bus: str | None = None) -> str | None:
+    """The backend whose program writes /etc/resolv.conf here, other than the file's own
+    (each backend's detect()); None when nothing else does."""
+    for backend in backends(root, nm_bus).values():
+        if backend.name != "resolv.conf" and backend.detect():
+            return backend.name
+    return None
+
+
+def check_backend(
+    backend: Backend,
+    profiles: Collection[str],
+    root: Path = Path("/"),
+    nm_bus: str | None = None,
+) -> None:
+    """Refuse (StubRefused) the resolv.conf backend where another program writes the file,
+    under strict or encrypted; under opportunistic, warn (privacy.plain_file)."""
+    if backend.name != "resolv.conf":
+        return
+    fit = plain_file(other_writer(root, nm_bus), profiles)
+    if fit.fit is Fit.REFUSED:
+        raise StubRefused(fit.reason)
+    if fit.fit is Fit.LEAKY:
+        LOG.warning("DHCP renewals may leak: %s", fit.reason)
 
 
 @contextlib.contextmanager
@@ -214,10 +241,13 @@ __all__ = [
     "Backend",
     "Journal",
     "JournalError",
+    "StubRefused",
     "apply",
     "backends",
+    "check_backend",
     "choose",
     "dhclient_lease",
+    "other_writer",
     "refresh",
     "restore",
 ]

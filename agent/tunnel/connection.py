@@ -47,11 +47,13 @@ class UpstreamConn:
         on_answer: AnswerHandler,
         on_lost: LostHandler,
         datagram: bool = False,
+        pad: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.sock = sock
         self.tls = tls
         self.datagram = datagram  # plain DNS over UDP: one message per datagram, no framing
+        self.pad = pad  # inside TLS only: queries go padded
         self.sends: Schedule[Pending] | None = Schedule() if datagram else None  # retransmits
         self.label = label
         self.inflight: dict[int, Pending] = {}
@@ -88,7 +90,12 @@ class UpstreamConn:
         p.uid = uid
         p.conn = self
         p.sent = time.monotonic()  # loop.time() is too coarse on uvloop for latencies
-        q = p.query
+        if self.pad:
+            q = p.padded or p.pad()
+            p.strip = p.added_opt
+        else:
+            q = p.query
+            p.strip = False
         if self.sends is not None:
             self._out.append(_ID.pack(uid) + q[2:])
             p.retransmits = 0
@@ -251,6 +258,12 @@ class UpstreamConn:
             self.lose(Closed(f"{self.label} closed the connection"))
 
     # -- ending ------------------------------------------------------------------
+    def forget(self, p: Pending) -> None:
+        """`p` is answered or gone elsewhere: a late answer to it is dropped."""
+        if self.inflight.get(p.uid) is p:
+            del self.inflight[p.uid]
+        p.conn = None
+
     def take_inflight(self) -> list[Pending]:
         pending = list(self.inflight.values())
         self.inflight.clear()

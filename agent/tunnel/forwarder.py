@@ -1,10 +1,12 @@
 """The tunnel: client queries in, routed over the upstream order it was handed, answers back.
 
-Owns the per-query life cycle (limits, padding, deadlines, exactly one answer per
-query), the failover between upstreams, and the profile's rule on cleartext:
-strict and encrypted never send a query in cleartext and answer SERVFAIL at once
-when no private upstream is usable; opportunistic falls back to plain DNS over
-TCP to the same resolvers only after every private path failed, and says so.
+Owns the per-query life cycle (limits, deadlines, exactly one answer per query) and
+the failover along the order it was handed. It decides nothing about privacy: the
+order (policy.py's) says which upstreams are private and which, if any, are
+cleartext; the cleartext ones are used only when no private one is usable, and an
+order without any never sends a query in cleartext. It implements its upstreams'
+`UpstreamEvents` and reports what it learns (failures, recoveries, its mode) to
+its owner's `TunnelEvents`.
 """
 
 from __future__ import annotations
@@ -15,16 +17,16 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
-from enum import StrEnum
+from collections.abc import Sequence
 from typing import Any
 
 from agent import tls
 from agent.dns import packet
 from agent.dns.packet import PacketError
 from agent.errors import UsageError
-from agent.model import AuthSpec, Method, Profile, UpstreamSpec
+from agent.model import AuthSpec, Failure, Method, Profile, UpstreamSpec
 from agent.tunnel.connection import UpstreamConn
+from agent.tunnel.events import Mode, NoTunnelEvents, TunnelEvents
 from agent.tunnel.listeners import TcpListener, UdpListener
 from agent.tunnel.pending import Pending, Sink
 from agent.tunnel.settings import TunnelConfig
@@ -33,15 +35,9 @@ from agent.tunnel.upstream import State, Upstream
 
 LOG = logging.getLogger(__name__)
 
-TICK = 0.1  # seconds between sweeps of deadlines, idle and stalled connections
+TICK = 0.1  # seconds between sweeps of deadlines, idle and silent connections
 
-
-class Mode(StrEnum):
-    """What the tunnel can offer right now; the daemon tells the user when it is not PRIVATE."""
-
-    PRIVATE = "private"  # at least one private upstream is usable
-    CLEARTEXT = "cleartext"  # opportunistic fallback: queries go out in plain DNS
-    DOWN = "down"  # nothing usable: every query is answered SERVFAIL
+__all__ = ["Mode", "Tunnel", "check_upstreams"]
 
 
 def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
@@ -58,12 +54,12 @@ def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
 
 
 class Tunnel:
-    def __init__(self, cfg: TunnelConfig, *, on_mode: Callable[[Mode], None] | None = None) -> None:
+    def __init__(self, cfg: TunnelConfig, *, events: TunnelEvents | None = None) -> None:
         check_upstreams(cfg.upstreams, cfg.profile)
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self.stats = TunnelStats()
-        self.on_mode = on_mode
+        self.events: TunnelEvents = events or NoTunnelEvents()
         self.mode = Mode.PRIVATE
         self.upstreams: list[Upstream] = []
         self.private: list[Upstream] = []
@@ -140,21 +136,18 @@ class Tunnel:
         )
 
     def _set(self, specs: Sequence[UpstreamSpec]) -> None:
+        """The order as handed: private entries in their order, then cleartext ones (if the
+        order has any), each used only when every private one is unusable."""
         old = {up.spec: up for up in self.upstreams}
         wanted = [s for s in specs if s.private]
         plain = [s for s in specs if not s.private]
-        if self.cfg.profile.allows_cleartext:  # the same resolvers, in plain DNS, last
-            for s in wanted:
-                fallback = UpstreamSpec(s.address, Method.TCP_PLAIN, self.cfg.cleartext_port)
-                if fallback not in plain:
-                    plain.append(fallback)
         ups: list[Upstream] = []
         for i, spec in enumerate([*wanted, *plain]):
             up = old.pop(spec, None)
             if up is None:
-                up = Upstream(spec, i, self._auth(spec), self)
+                up = Upstream(spec, i, self._auth(spec), self.cfg, self)
             else:
-                up.index, up.bit = i, 1 << i
+                up.place(i)
             ups.append(up)
         self.upstreams = ups
         self.private = [u for u in ups if u.spec.private]
@@ -192,9 +185,9 @@ class Tunnel:
             p.tried = 0  # indexes changed meaning
             p.group = None
         for up in self._retired:
-            queued, up.queue = up.queue, []  # waiting for a connection that is not wanted now
-            self.reroute(queued, None)
-            if up.conn is not None and not up.conn.inflight:
+            # waiting for a connection that is not wanted now
+            self.reroute(up.take_queue(), None)
+            if up.conn is not None and not up.inflight:
                 up.close()
         self._update_mode()
 
@@ -222,11 +215,8 @@ class Tunnel:
             if not sink.udp:  # TCP clients wait for an answer; UDP ones just retry
                 sink.deliver(packet.error_reply(wire, info, packet.REFUSED), addr)
             return
-        added = False
-        if self.cfg.pad:
-            wire, added = packet.pad_query(wire, info)
         now = self.loop.time()
-        p = Pending(sink, addr, wire, info, added, now + self.cfg.query_timeout)
+        p = Pending(sink, addr, wire, info, now + self.cfg.query_timeout)
         if self.routes:
             p.group = self._group_of(wire, info)
         self.pending += 1
@@ -243,11 +233,12 @@ class Tunnel:
         if plain:
             for up in plain:
                 if not p.tried & up.bit and up.available:
-                    self._set_mode(Mode.CLEARTEXT)
+                    self._set_mode(Mode.CLEARTEXT, "no private upstream usable")
                     self.stats.cleartext += 1
                     up.submit(p, now)
                     return
-        self._set_mode(Mode.DOWN if self._nothing_available() else self.mode)
+        if self._nothing_available():
+            self._set_mode(Mode.DOWN, "no upstream usable")
         self.servfail(p)
 
     def reroute(self, pendings: Sequence[Pending], failed: Upstream | None) -> None:
@@ -258,6 +249,27 @@ class Tunnel:
             if failed is not None:
                 p.tried |= failed.bit
             self.route(p, now)
+
+    # -- what upstreams report (UpstreamEvents) -----------------------------------------
+    def gave_up(self, pendings: Sequence[Pending], failed: Upstream | None) -> None:
+        self.reroute(pendings, failed)
+
+    def wants_flush(self, conn: UpstreamConn) -> None:
+        self.mark_dirty(conn)
+
+    def answered(self, up: Upstream, p: Pending, frame: bytes) -> None:
+        self.on_answer(up, p, frame)
+
+    def changed(self, up: Upstream) -> None:
+        self._update_mode()
+
+    def failed(self, up: Upstream, failure: Failure, detail: str) -> None:
+        if not up.retired:
+            self.events.upstream_failed(up.spec, failure, detail)
+
+    def recovered(self, up: Upstream) -> None:
+        if not up.retired:
+            self.events.upstream_recovered(up.spec)
 
     def mark_dirty(self, conn: UpstreamConn) -> None:
         self._dirty.add(conn)
@@ -286,7 +298,7 @@ class Tunnel:
             return
         up.stats.latency(time.monotonic() - p.sent)
         resp = p.query[:2] + frame[2:]
-        if p.added_opt:
+        if p.strip:
             try:
                 resp = packet.strip_opt(resp)
             except PacketError:
@@ -307,8 +319,7 @@ class Tunnel:
         p.done = True
         self.pending -= 1
         if p.conn is not None:
-            p.conn.inflight.pop(p.uid, None)
-            p.conn = None
+            p.conn.forget(p)
         self.stats.answered += 1
         p.sink.deliver(wire, p.addr)
         p.sink.done(p.addr)
@@ -328,7 +339,7 @@ class Tunnel:
         for up in self.upstreams:
             up.tick(now)
         for up in list(self._retired):
-            if up.conn is None or not up.conn.inflight:
+            if not up.inflight:
                 up.close()
                 self._retired.remove(up)
         for t in self.tcp:
@@ -342,7 +353,7 @@ class Tunnel:
             if p.conn is not None and p.conn is up.conn:
                 up.stats.timeouts += 1
                 break
-            if p.tc_answer is not None and up.tcp is not None and up.tcp.holds(p):
+            if up.retrying(p):
                 up.stats.timeouts += 1
                 up.tcp_failed([p])
                 return
@@ -360,19 +371,17 @@ class Tunnel:
         return Mode.DOWN
 
     def _update_mode(self) -> None:
-        self._set_mode(self._current_mode())
+        self._set_mode(self._current_mode(), "")
 
-    def _set_mode(self, mode: Mode) -> None:
+    def _set_mode(self, mode: Mode, why: str) -> None:
         if mode is self.mode:
             return
+        errors = "; ".join(f"{u.spec}: {u.last_error}" for u in self.private if u.last_error)
+        why = ", ".join(x for x in (why, errors) if x)
         level = logging.INFO if mode is Mode.PRIVATE else logging.WARNING
-        LOG.log(level, "tunnel mode %s -> %s", self.mode, mode)
+        LOG.log(level, "tunnel mode %s -> %s%s", self.mode, mode, f" ({why})" if why else "")
         self.mode = mode
-        if self.on_mode is not None:
-            self.on_mode(mode)
-
-    def upstream_changed(self, up: Upstream) -> None:
-        self._update_mode()
+        self.events.mode_changed(mode, why)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -388,7 +397,7 @@ class Tunnel:
                     "recovering": u.recovering,
                     "last_error": u.last_error,
                     "keepalive_s": u.keepalive,
-                    "inflight": len(u.conn.inflight) if u.conn else 0,
+                    "inflight": u.inflight,
                     **u.stats.to_json(),
                 }
                 for u in self.upstreams

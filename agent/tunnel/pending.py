@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.dns.packet import QueryInfo
+from agent.dns.packet import MAX_MESSAGE, QueryInfo, pad_query
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -36,24 +36,28 @@ class Pending:
         "done",
         "group",
         "info",
+        "padded",
         "query",
         "resends",
         "retransmits",
         "sent",
         "sink",
+        "strip",
         "tc_answer",
         "tried",
         "uid",
     )
 
     def __init__(
-        self, sink: Sink, addr: Any, query: bytes, info: QueryInfo, added_opt: bool, deadline: float
+        self, sink: Sink, addr: Any, query: bytes, info: QueryInfo, deadline: float
     ) -> None:
         self.sink = sink
         self.addr = addr
-        self.query = query  # padded, with the client's own ID
+        self.query = query  # as the client sent it, with the client's own ID
         self.info = info
-        self.added_opt = added_opt
+        self.padded: bytes | None = None  # the padded form, made when first sent inside TLS
+        self.added_opt = False  # the padded form has an OPT record the client's had not
+        self.strip = False  # the form sent last has our OPT: the answer's is removed
         self.deadline = deadline
         self.sent = 0.0  # time.monotonic() of its send on `conn` (retransmits leave it)
         self.tried = 0  # bit i set: upstream i failed this query
@@ -65,3 +69,13 @@ class Pending:
         self.conn: UpstreamConn | None = None
         self.done = False
         self.group: Sequence[Upstream] | None = None  # split DNS: only these upstreams
+
+    def pad(self) -> bytes:
+        """The query padded (RFC 7830, 8467), for TLS only: in cleartext, padding MUST NOT be
+        used (RFC 7830 section 6), so it is made when a query first goes into TLS. A query
+        that padding would grow past a DNS message's limit goes as it is."""
+        q, added = pad_query(self.query, self.info)
+        if len(q) > MAX_MESSAGE:
+            q, added = self.query, False
+        self.padded, self.added_opt = q, added
+        return q

@@ -18,8 +18,13 @@ class TunnelConfig:
     listen: tuple[tuple[str, int], ...] = DEFAULT_LISTEN
     idle_timeout: float = 60.0  # the draft's suggestion for stub-to-recursive
     connect_timeout: float = 3.0
-    query_timeout: float = 4.0  # then the client gets SERVFAIL
-    stall_timeout: float = 2.5  # queries out, nothing back: the connection is dead
+    query_timeout: float = 5.0  # one query's deadline: then the client gets SERVFAIL
+    # A slow answer is no evidence that a connection is dead. Quiet this long with queries
+    # out, a stream connection gets a liveness probe (a query of ours); no byte back within
+    # liveness_timeout after it: dead.
+    liveness_after: float = 2.0
+    liveness_timeout: float = 2.0
+    stall_timeout: float = 2.5  # datagrams only: queries resent, not one datagram back: dead
     backoff_min: float = 1.0
     backoff_max: float = 60.0
     max_pending: int = 10000
@@ -28,4 +33,3 @@ class TunnelConfig:
     tcp_client_idle: float = 10.0
     fastopen: bool = True
     pad: bool = True
-    cleartext_port: int = 53  # opportunistic fallback: plain DNS over TCP to this port

@@ -23,6 +23,7 @@ class UpstreamStats:
     retransmits: int = 0  # UDP only: queries sent again for want of an answer in time
     tc_retries: int = 0  # UDP only: truncated answers asked again over TCP
     tc_retry_failures: int = 0  # ... where TCP did not answer (the client got TC or SERVFAIL)
+    liveness_probes: int = 0  # queries of our own on a quiet connection with queries out
     _lat: array.array[float] = field(default_factory=lambda: array.array("d"))
     _next: int = 0
 

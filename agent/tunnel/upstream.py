@@ -1,13 +1,19 @@
 """One upstream resolver as the tunnel sees it: an explicit state machine, and how to connect.
 
     IDLE --query--> CONNECTING --ok--> UP --idle/clean close--> IDLE
-                        |                 \\--reset/stall/error--> BACKOFF
+                        |                 \\--reset/TLS error/silent--> BACKOFF
                         \\--error--> BACKOFF --backoff over--> CONNECTING (recovering)
 
 A recovering upstream gets no client queries until it is UP again; a clean close
-by the server (RFC 7766 allows it at any time) is not a failure.
+by the server (RFC 7766 allows it at any time) is not a failure. A slow answer is not
+one either: a connection is dead on evidence only. When it has been silent a while
+with queries out, a liveness probe (a query of its own) goes out on it, and only
+silence to that probe too counts as a failure; a slow query itself is waited for
+until its own deadline.
 
-Plain UDP (the captive-portal exception) resends what gets no answer in time (see
+An upstream reports to its owner through `UpstreamEvents` (events.py) and never
+reaches back into it. Plain UDP (the captive-portal exception and the cleartext
+entries the policy chose as UDP) resends what gets no answer in time (see
 retransmit.py) and asks again over TCP what comes back truncated (`TcpRetry`).
 """
 
@@ -20,7 +26,6 @@ import socket
 import time
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
 import dns.edns
 import dns.message
@@ -28,19 +33,25 @@ import dns.message
 from agent.dns import packet, wire
 from agent.dns.transport import Connection, family_of, starttls, syn_data_acked
 from agent.errors import Closed, Timeout, TLSHandshakeFailed, TransportError, Unreachable
-from agent.model import AuthSpec, Method, UpstreamSpec
+from agent.model import AuthSpec, Failure, Method, UpstreamSpec
 from agent.tls import check_peer, context_for
 from agent.tunnel.connection import UpstreamConn
+from agent.tunnel.events import UpstreamEvents
 from agent.tunnel.pending import Pending
 from agent.tunnel.retransmit import RttEstimator
+from agent.tunnel.settings import TunnelConfig
 from agent.tunnel.stats import UpstreamStats
-
-if TYPE_CHECKING:
-    from agent.tunnel.forwarder import Tunnel
 
 LOG = logging.getLogger(__name__)
 
 HELLO_NAME = "."  # the tunnel's own first query on a connection: learns edns-tcp-keepalive
+PROBE_NAME = "."  # the liveness probe: any resolver answers `. NS` from its cache at once
+_FAILURES = {f.value: f for f in Failure}
+
+
+def failure_of(exc: TransportError) -> Failure:
+    """The stable word for why a connection failed, as probe results say it."""
+    return _FAILURES.get(exc.reason, Failure.UNREACHABLE)
 
 
 class State(StrEnum):
@@ -59,13 +70,20 @@ _ALLOWED = {
 
 
 class Upstream:
-    def __init__(self, spec: UpstreamSpec, index: int, auth: AuthSpec, tunnel: Tunnel) -> None:
+    def __init__(
+        self,
+        spec: UpstreamSpec,
+        index: int,
+        auth: AuthSpec,
+        cfg: TunnelConfig,
+        events: UpstreamEvents,
+    ) -> None:
         self.spec = spec
         self.index = index
         self.bit = 1 << index
         self.auth = auth
-        self.tunnel = tunnel
-        self.cfg = tunnel.cfg
+        self.cfg = cfg
+        self.events = events
         self.loop = asyncio.get_running_loop()
         self.state = State.IDLE
         self.recovering = False
@@ -82,6 +100,8 @@ class Upstream:
         self.retired = False
         self._task: asyncio.Task[None] | None = None
         self._hello: Pending | None = None
+        self._probe: Pending | None = None  # the liveness probe out now, if any
+        self._probe_at = 0.0
         self._fresh_session = False
 
     def __repr__(self) -> str:
@@ -92,6 +112,10 @@ class Upstream:
             raise AssertionError(f"{self.spec}: {self.state} -> {state} is not a transition")
         self.state = state
 
+    def place(self, index: int) -> None:
+        """Its position in a new order (the bit that marks queries it failed)."""
+        self.index, self.bit = index, 1 << index
+
     @property
     def available(self) -> bool:
         """May a client query be given to this upstream now?"""
@@ -101,16 +125,29 @@ class Upstream:
             return not self.recovering
         return self.state is not State.BACKOFF
 
+    @property
+    def inflight(self) -> int:
+        return len(self.conn.inflight) if self.conn is not None else 0
+
     # -- queries ---------------------------------------------------------------
     def submit(self, p: Pending, now: float) -> None:
         conn = self.conn
         if self.state is State.UP and conn is not None and conn.submit(p, now):
             self.stats.queries += 1
-            self.tunnel.mark_dirty(conn)
+            self.events.wants_flush(conn)
             return
         self.queue.append(p)
         if self.state is State.IDLE:
             self.connect()
+
+    def take_queue(self) -> list[Pending]:
+        """The queries waiting for a connection, taken away (to go elsewhere)."""
+        queued, self.queue = self.queue, []
+        return queued
+
+    def retrying(self, p: Pending) -> bool:
+        """Is `p` being asked again over TCP after a truncated answer here?"""
+        return p.tc_answer is not None and self.tcp is not None and self.tcp.holds(p)
 
     # -- connecting ------------------------------------------------------------
     def connect(self, *, recovering: bool = False) -> None:
@@ -158,7 +195,7 @@ class Upstream:
         self._up(conn)
 
     def _up_datagram(self) -> None:
-        """Plain DNS over UDP (the captive-portal exception): nothing to connect but a socket."""
+        """Plain DNS over UDP: nothing to connect but a socket."""
         sock = socket.socket(family_of(self.spec.address), socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:
@@ -175,11 +212,15 @@ class Upstream:
         if self.retired:  # dropped from the order while connecting
             c.close()
             self._to(State.IDLE)
-            queued, self.queue = self.queue, []
-            self._reroute(queued, None)
+            self.events.gave_up(self.take_queue(), None)
             return
         conn = UpstreamConn(
-            c.sock, c.tls, label=str(self.spec), on_answer=self._on_answer, on_lost=self._on_lost
+            c.sock,
+            c.tls,
+            label=str(self.spec),
+            on_answer=self._on_answer,
+            on_lost=self._on_lost,
+            pad=self.cfg.pad and self.spec.private,
         )
         self._install(conn)
 
@@ -187,6 +228,7 @@ class Upstream:
         if self.stats.connections:
             self.stats.reconnects += 1
         self.stats.connections += 1
+        came_back = self.failures > 0 or self.recovering
         self.failures = 0
         self.recovering = False
         self.last_error = ""
@@ -196,30 +238,33 @@ class Upstream:
         resumed = conn.tls is not None and conn.tls.session_reused
         LOG.info("%s: connected%s", self.spec, " (session resumed)" if resumed else "")
         self._send_hello(conn)
-        queued, self.queue = self.queue, []
+        queued = self.take_queue()
         now = self.loop.time()
         for p in queued:
             if not p.done:
                 self.submit(p, now)
-        self.tunnel.mark_dirty(conn)
-        self.tunnel.upstream_changed(self)
+        self.events.wants_flush(conn)
+        if came_back:
+            self.events.recovered(self)
+        self.events.changed(self)
+
+    def _own_query(self, conn: UpstreamConn, name: str, *, keepalive: bool) -> Pending | None:
+        """A query of the tunnel's own on `conn` (never a client's: never resent, never
+        answered to anyone, not counted as pending)."""
+        options: list[dns.edns.Option] = (
+            [dns.edns.GenericOption(dns.edns.OptionType.KEEPALIVE, b"")] if keepalive else []
+        )
+        q = dns.message.make_query(
+            name, "NS", use_edns=0, payload=wire.EDNS_PAYLOAD, options=options
+        )
+        data = q.to_wire()
+        own = Pending(_NO_SINK, None, data, packet.parse_query(data), float("inf"))
+        return own if conn.submit(own, self.loop.time()) else None
 
     def _send_hello(self, conn: UpstreamConn) -> None:
         """Our own query, inside TLS: asks for the server's edns-tcp-keepalive (RFC 7828)."""
-        if not self.spec.private:
-            return
-        q = dns.message.make_query(
-            HELLO_NAME,
-            "NS",
-            use_edns=0,
-            payload=wire.EDNS_PAYLOAD,
-            pad=wire.PAD_BLOCK,
-            options=[dns.edns.GenericOption(dns.edns.OptionType.KEEPALIVE, b"")],
-        )
-        data = q.to_wire()
-        hello = Pending(_NO_SINK, None, data, packet.parse_query(data), False, float("inf"))
-        if conn.submit(hello, self.loop.time()):
-            self._hello = hello
+        if self.spec.private:
+            self._hello = self._own_query(conn, HELLO_NAME, keepalive=True)
 
     def _failed(self, exc: TransportError) -> None:
         self.failures += 1
@@ -230,13 +275,10 @@ class Upstream:
         self.recovering = False
         self._to(State.BACKOFF)
         LOG.warning("%s: %s; not used for %.0f s", self.spec, exc.detail, backoff)
-        queued, self.queue = self.queue, []
-        self.tunnel.upstream_changed(self)
-        self._reroute(queued, self)
-
-    def _reroute(self, pendings: Sequence[Pending], failed: Upstream | None) -> None:
-        """Queries this upstream gives up on: to the next in the order."""
-        self.tunnel.reroute(pendings, failed)
+        queued = self.take_queue()
+        self.events.failed(self, failure_of(exc), exc.detail)
+        self.events.changed(self)
+        self.events.gave_up(queued, self)
 
     # -- the live connection -------------------------------------------------------
     def _on_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
@@ -245,12 +287,15 @@ class Upstream:
         if self._fresh_session and conn.tls is not None:
             self._fresh_session = False  # tickets came with (or before) the first answer
             self.session = conn.tls.session
-        if p is self._hello:
-            self._hello = None
-            self._learn_keepalive(frame)
+        if p.sink is _NO_SINK:
+            if p is self._hello:
+                self._hello = None
+                self._learn_keepalive(frame)
+            elif p is self._probe:
+                self._probe = None
             return
         conn.progress += 1
-        self.tunnel.on_answer(self, p, frame)
+        self.events.answered(self, p, frame)
 
     def _on_datagram_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
         if p is None:
@@ -265,10 +310,12 @@ class Upstream:
             self._retry_over_tcp(p, frame)
             return
         conn.progress += 1
-        self.tunnel.on_answer(self, p, frame)
+        self.events.answered(self, p, frame)
 
     def _retry_over_tcp(self, p: Pending, frame: bytes) -> None:
-        """A truncated answer over UDP: ask the same server again over TCP (RFC 7766 5)."""
+        """A truncated answer over UDP: ask the same server again over TCP (RFC 7766 5).
+        The same cleartext server the order names, over the transport DNS itself requires
+        for this answer: not a new destination, and never for a private upstream."""
         self.stats.tc_retries += 1
         p.tc_answer = frame
         p.conn = None  # off the datagram connection (its answer took it out of inflight)
@@ -286,7 +333,7 @@ class Upstream:
         fails); a TCP client gets SERVFAIL: a truncated answer over TCP is of no use to it.
         Once this upstream is retired, they are asked again in the new order instead."""
         if self.retired:
-            self.tunnel.reroute(pendings, None)
+            self.events.gave_up(pendings, None)
             return
         for p in pendings:
             if p.done:
@@ -294,9 +341,9 @@ class Upstream:
             self.stats.tc_retry_failures += 1
             tc, p.tc_answer = p.tc_answer, None
             if p.sink.udp and tc is not None:
-                self.tunnel.on_answer(self, p, tc)
+                self.events.answered(self, p, tc)
             else:
-                self.tunnel.servfail(p)
+                self.events.servfail(p)
 
     def _learn_keepalive(self, frame: bytes) -> None:
         try:
@@ -310,11 +357,12 @@ class Upstream:
                 LOG.info("%s: server keeps idle connections %.1f s", self.spec, self.keepalive)
 
     def _orphans(self, conn: UpstreamConn) -> list[Pending]:
-        return [p for p in conn.take_inflight() if p is not self._hello and not p.done]
+        """The client queries that were in flight on `conn` (the tunnel's own are dropped)."""
+        self._hello = self._probe = None
+        return [p for p in conn.take_inflight() if p.sink is not _NO_SINK and not p.done]
 
     def _on_lost(self, conn: UpstreamConn, exc: TransportError) -> None:
         self.conn = None
-        self._hello = None
         orphans = self._orphans(conn)
         if isinstance(exc, Closed):
             # RFC 7766: servers may close at any time; not a failure. What was in flight
@@ -330,17 +378,17 @@ class Upstream:
                 failed = [p for p in orphans if p.resends > 0]
             for p in again:
                 p.resends += 1
-            self._reroute(failed, self)
+            self.events.gave_up(failed, self)
             now = self.loop.time()
             for p in again:
                 self.submit(p, now)
-            self.tunnel.upstream_changed(self)
+            self.events.changed(self)
             return
         self.queue.extend(orphans)
         self._failed(exc)
 
     def tick(self, now: float) -> None:
-        """Periodic: end backoff, close idle connections, detect stalls, retransmit."""
+        """Periodic: end backoff, close idle connections, check liveness, retransmit."""
         if self.tcp is not None:
             self.tcp.tick(now)
         if self.state is State.BACKOFF and now >= self.backoff_until and not self.retired:
@@ -351,9 +399,12 @@ class Upstream:
             return
         if conn.datagram:  # on the tick: no timer per query (up to TICK late, well below RTO_MIN)
             self.stats.retransmits += conn.retransmit(time.monotonic(), self.rtt.rto)
+            if conn.inflight and now - conn.busy_since > self.cfg.stall_timeout:
+                # resent and resent again, and not one datagram back: that is evidence
+                conn.lose(Timeout(f"no answer to anything for {self.cfg.stall_timeout:.1f} s"))
+            return
         if conn.inflight:
-            if now - conn.busy_since > self.cfg.stall_timeout:
-                conn.lose(Timeout(f"no answer for {self.cfg.stall_timeout:.1f} s"))
+            self._check_alive(conn, now)
             return
         idle = self.cfg.idle_timeout
         if self.keepalive is not None:
@@ -362,26 +413,48 @@ class Upstream:
             LOG.debug("%s: idle for %.0f s, closing", self.spec, idle)
             self.close()
 
+    def _check_alive(self, conn: UpstreamConn, now: float) -> None:
+        """Queries are out and the connection is quiet. A slow answer is no evidence: ask
+        something any resolver answers at once; only silence to that too is."""
+        probe = self._probe
+        if probe is None:
+            if now - conn.busy_since > self.cfg.liveness_after:
+                self._probe = self._own_query(conn, PROBE_NAME, keepalive=False)
+                self._probe_at = now
+                self.stats.liveness_probes += 1
+                self.events.wants_flush(conn)
+            return
+        if conn.last_rx > self._probe_at:  # bytes came since it went out: alive
+            conn.forget(probe)
+            self._probe = None
+            return
+        if now - self._probe_at > self.cfg.liveness_timeout:
+            quiet = now - conn.busy_since
+            conn.lose(Timeout(f"silent for {quiet:.1f} s, also to a liveness probe"))
+
     def close(self) -> None:
         """Close the connection cleanly (close_notify); nothing in flight is lost."""
         conn = self.conn
         if conn is None:
             return
         self.conn = None
-        self._hello = None
         orphans = self._orphans(conn)
         conn.close()
         if self.state is State.UP:
             self._to(State.IDLE)
-        self._reroute(orphans, None)
+        self.events.gave_up(orphans, None)
         if self.retired and self.tcp is not None:
             self.tcp.close()
+
+    def rest(self) -> None:
+        """Backoff over, but no reconnect of its own: connects again when next asked."""
+        self._to(State.IDLE)
 
     def retire(self) -> None:
         """Dropped from the order: what it still holds goes elsewhere once it is closed."""
         self.retired = True
         if self.tcp is not None:
-            self.tcp.retired = True
+            self.tcp.retire()
 
     async def stop(self) -> None:
         self.retire()
@@ -394,46 +467,82 @@ class Upstream:
         self.close()
 
 
-class TcpRetry(Upstream):
+class TcpRetry:
     """Plain DNS over TCP to a UDP upstream's server (same address and port), for the answers
-    that came back truncated over UDP. The plain-TCP path of the order, reused: one
-    connection, pipelined, closed when idle.
+    that came back truncated over UDP: one connection, pipelined, closed when idle.
 
     It lives beside its UDP upstream, outside the order: it takes no client query of its
     own, and what it cannot answer goes back to that upstream (`tcp_failed`). It is
-    ticked, retired and closed with that upstream.
+    ticked, retired and closed with that upstream. A plain `Upstream` inside, whose
+    events come here (`_RetryEvents`).
     """
 
     def __init__(self, owner: Upstream) -> None:
         spec = UpstreamSpec(owner.spec.address, Method.TCP_PLAIN, owner.spec.port)
-        super().__init__(spec, owner.index, owner.auth, owner.tunnel)
-        self.owner = owner
-        self.bit = 0  # not in the order: marks no query as tried
+        self.up = Upstream(spec, owner.index, owner.auth, owner.cfg, _RetryEvents(owner))
+        self.up.bit = 0  # not in the order: marks no query as tried
 
-    def _reroute(self, pendings: Sequence[Pending], failed: Upstream | None) -> None:
-        self.owner.tcp_failed(pendings)
+    @property
+    def available(self) -> bool:
+        return self.up.available
+
+    def submit(self, p: Pending, now: float) -> None:
+        self.up.submit(p, now)
 
     def holds(self, p: Pending) -> bool:
         """Is `p` in flight here, or waiting for the connection?"""
-        return (p.conn is not None and p.conn is self.conn) or p in self.queue
-
-    def _on_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
-        if p is None:
-            return
-        conn.progress += 1
-        p.tc_answer = None
-        self.tunnel.on_answer(self.owner, p, frame)  # counted as its UDP upstream's answer
+        up = self.up
+        return (p.conn is not None and p.conn is up.conn) or p in up.queue
 
     def tick(self, now: float) -> None:
-        if self.state is State.BACKOFF:
-            if now >= self.backoff_until:
-                self._to(State.IDLE)  # connects again for the next truncated answer, if any
+        up = self.up
+        if up.state is State.BACKOFF:
+            if now >= up.backoff_until:
+                up.rest()  # connects again for the next truncated answer, if any
             return
-        super().tick(now)
+        up.tick(now)
+
+    def close(self) -> None:
+        self.up.close()
+
+    def retire(self) -> None:
+        self.up.retire()
+
+    async def stop(self) -> None:
+        await self.up.stop()
+
+
+class _RetryEvents:
+    """The TCP retry's events, for its UDP upstream: answers count as that upstream's."""
+
+    def __init__(self, owner: Upstream) -> None:
+        self.owner = owner
+
+    def wants_flush(self, conn: UpstreamConn) -> None:
+        self.owner.events.wants_flush(conn)
+
+    def answered(self, up: Upstream, p: Pending, frame: bytes) -> None:
+        p.tc_answer = None
+        self.owner.events.answered(self.owner, p, frame)
+
+    def gave_up(self, pendings: Sequence[Pending], failed: Upstream | None) -> None:
+        self.owner.tcp_failed(pendings)
+
+    def servfail(self, p: Pending) -> None:
+        self.owner.events.servfail(p)
+
+    def changed(self, up: Upstream) -> None:
+        pass
+
+    def failed(self, up: Upstream, failure: Failure, detail: str) -> None:
+        pass  # logged; the UDP answers still come: not this upstream's failure
+
+    def recovered(self, up: Upstream) -> None:
+        pass
 
 
 class _NoSink:
-    """The hello's sink: its answer is consumed by the upstream itself."""
+    """The sink of the tunnel's own queries: their answers are consumed by the upstream."""
 
     udp = False
 

@@ -49,6 +49,8 @@ LOG = logging.getLogger(__name__)
 
 PEER_A = "198.51.100.7"
 WHOAMI = "dnstls-test-peer"
+IN_FLIGHT = 3  # CLOSE_IN_FLIGHT: queries a connection holds unanswered when it closes
+CONTROL_POLL = 0.05  # seconds between looks at the control file
 
 
 class Fault(StrEnum):
@@ -61,7 +63,15 @@ class Fault(StrEnum):
     TRUNCATED = "truncated"  # answers cut short (frame promises more), then close
     MISMATCHED = "mismatched"  # answers carry another message ID
     BLACKHOLE_TLS = "blackhole-tls"  # TLS port swallows SYNs: no SYN-ACK ever
+    STALL_TLS = "stall-tls"  # TLS port accepts TCP, reads, never answers (no ServerHello)
     SILENT_TCP = "silent-tcp"  # plain TCP: connections accepted, queries read, never answered
+    # The chaos faults below may also be switched on and off while the peer runs
+    # (`Peer.set_faults`, or the --control file); on TLS connections they strike after
+    # `strike_after` answers given on that connection while the fault is on.
+    RESET_MID_ANSWER = "reset-mid-answer"  # TLS: half of an answer frame, then RST
+    CLOSE_IN_FLIGHT = "close-in-flight"  # TLS: read IN_FLIGHT more queries, close unanswered
+    DROP_TLS = "drop-tls"  # no TLS at all: 853 refused, TLS connections and TO queries reset;
+    #                        plain DNS (UDP, TCP without TO) keeps answering
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class PeerConfig:
     keepalive: float | None = None  # edns-tcp-keepalive to offer when asked (seconds)
     drop_udp: int = 0  # drop the first N datagrams of each question (name, type), like a
     #                    lossy link: unseen, unanswered (counted in `udp_dropped`)
+    strike_after: int = 0  # RESET_MID_ANSWER, CLOSE_IN_FLIGHT: answers per TLS connection first
+    control: Path | None = None  # a JSON file polled for faults switched at run time
 
 
 class Blackhole:
@@ -192,7 +204,10 @@ class Peer:
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._blackhole: Blackhole | None = None
+        self._tls_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._streams: dict[asyncio.StreamWriter, str] = {}  # open TCP/TLS connections: via
+        self.switched: list[tuple[float, frozenset[Fault]]] = []  # (monotonic, faults) at run time
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> Peer:
@@ -206,26 +221,91 @@ class Peer:
         )
         self._udp = transport
         if cfg.tls_port is not None:
-            if Fault.BLACKHOLE_TLS in cfg.faults:
-                self._blackhole = Blackhole(cfg.host, cfg.tls_port)
-                self.tls_port = self._blackhole.port
-            else:
-                if self.tls_ctx is None:
-                    raise ValueError("a TLS port needs cert and key")
-                resets = Fault.RESET in cfg.faults
-                tls = await asyncio.start_server(
-                    self._on_tls,
-                    cfg.host,
-                    cfg.tls_port,
-                    ssl=None if resets else self.tls_ctx,
-                    reuse_address=True,
-                    ssl_handshake_timeout=None if resets else 5,
-                )
-                self._servers.append(tls)
-                self.tls_port = tls.sockets[0].getsockname()[1]
+            if self.tls_ctx is None and Fault.BLACKHOLE_TLS not in cfg.faults:
+                raise ValueError("a TLS port needs cert and key")
+            self.tls_port = await self._bind_tls(cfg.tls_port)
+        if cfg.control is not None:
+            task = asyncio.create_task(self._watch_control(cfg.control), name="peer control")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return self
 
+    async def _bind_tls(self, port: int) -> int:
+        """(Re)bind the TLS port the way the faults want it; open connections stay open."""
+        cfg = self.config
+        self._unbind_tls()
+        kind = _tls_kind(cfg.faults)
+        if kind == "refused":  # nothing listens: a SYN gets a RST
+            return port
+        if kind == "blackhole":
+            self._blackhole = Blackhole(cfg.host, port)
+            return int(self._blackhole.port)
+        raw = kind == "raw"  # accepted, no TLS spoken
+        self._tls_server = await asyncio.start_server(
+            self._on_tls,
+            cfg.host,
+            port,
+            ssl=None if raw else self.tls_ctx,
+            reuse_address=True,
+            ssl_handshake_timeout=None if raw else 5,
+        )
+        return int(self._tls_server.sockets[0].getsockname()[1])
+
+    def _unbind_tls(self) -> None:
+        if self._tls_server is not None:
+            self._tls_server.close()
+            self._tls_server = None
+        if self._blackhole is not None:
+            self._blackhole.close()
+            self._blackhole = None
+
+    async def set_faults(
+        self,
+        faults: typing.Iterable[Fault],
+        *,
+        delay: float | None = None,
+        strike_after: int | None = None,
+    ) -> None:
+        """Switch faults while running, so that a test can start healthy and then break.
+
+        What the TLS port does follows at once (rebound on the same port); connections
+        already open are reset when RESET or DROP_TLS comes on, and TLS-port ones go
+        silent while BLACKHOLE_TLS or STALL_TLS is on, like packets dropped on the way."""
+        cfg = self.config
+        old, new = cfg.faults, frozenset(faults)
+        cfg.delay = cfg.delay if delay is None else delay
+        cfg.strike_after = cfg.strike_after if strike_after is None else strike_after
+        cfg.faults = new
+        self.switched.append((time.monotonic(), new))
+        LOG.warning("faults now: %s", " ".join(sorted(new)) or "none")
+        if self.tls_port is not None and _tls_kind(old) != _tls_kind(new):
+            self.tls_port = await self._bind_tls(self.tls_port)
+        if {Fault.RESET, Fault.DROP_TLS} & (new - old):
+            for writer, via in list(self._streams.items()):
+                if via != "tcp" or Fault.RESET in new:
+                    _reset(writer)
+
+    async def _watch_control(self, path: Path) -> None:
+        """The control file, for a peer run as a process: {"faults": [names], "delay": s,
+        "strike_after": n} (`write_control` writes it). No file: nothing switched."""
+        seen: tuple[int, int, int] | None = None
+        while True:
+            try:
+                seen, spec = _read_control(path, seen)
+                if spec is not None:
+                    await self.set_faults(
+                        [Fault(f) for f in spec.get("faults", [])],
+                        delay=spec.get("delay"),
+                        strike_after=spec.get("strike_after"),
+                    )
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError) as exc:
+                LOG.warning("control file %s ignored: %s", path, exc)
+            await asyncio.sleep(CONTROL_POLL)
+
     async def stop(self) -> None:
+        self._unbind_tls()
         for server in self._servers:
             server.close()
         for task in list(self._tasks):
@@ -272,7 +352,8 @@ class Peer:
         if not udp:
             return response.to_wire(max_size=65535)
         try:
-            return response.to_wire()  # within the client's payload size
+            # within the client's payload size; 512 bytes without EDNS (RFC 1035 4.2.1)
+            return response.to_wire(max_size=response.request_payload or 512)
         except dns.exception.TooBig:
             response.flags |= dns.flags.TC
             response.answer.clear()
@@ -319,6 +400,14 @@ class Peer:
         if Fault.RESET in self.config.faults:
             _reset(writer)
             return
+        if Fault.STALL_TLS in self.config.faults:  # like a transparent proxy that hangs
+            try:
+                with contextlib.suppress(OSError):
+                    while await reader.read(65535):  # the ClientHello, and whatever follows
+                        pass
+            finally:
+                writer.close()
+            return
         self.handshakes += 1
         ssl_object = writer.get_extra_info("ssl_object")
         if ssl_object is not None and ssl_object.session_reused:
@@ -353,6 +442,9 @@ class Peer:
             await self._serve(reader, writer, "tcp", first)
             return
         self._record("tcp", query)
+        if Fault.DROP_TLS in cfg.faults:  # a middlebox that kills whatever asks for TLS
+            _reset(writer)
+            return
         if Fault.NO_TO_ANSWER in cfg.faults:
             with contextlib.suppress(Exception):
                 while await reader.read(65535):
@@ -406,7 +498,9 @@ class Peer:
         pending = list(backlog)
         answering: set[asyncio.Task[None]] = set()
         received = 0
+        struck = held = 0  # queries taken while a chaos fault is on; of those, held unanswered
         self.open_connections += 1
+        self._streams[writer] = via
         try:
             while True:
                 for wire in pending:
@@ -421,7 +515,19 @@ class Peer:
                         # before, close with this one (and any later ones) unanswered
                         await asyncio.gather(*answering, return_exceptions=True)
                         return
-                    task = asyncio.create_task(self._answer_tcp(writer, query))
+                    chaos = self._chaos(via)
+                    if chaos is not None:
+                        struck += 1
+                    if chaos is not None and struck > self.config.strike_after:
+                        await asyncio.gather(*answering, return_exceptions=True)
+                        if chaos is Fault.RESET_MID_ANSWER:
+                            await self._half_then_reset(writer, query)
+                            return
+                        held += 1
+                        if held >= IN_FLIGHT:
+                            return  # closed (FIN) below, with the held queries unanswered
+                        continue
+                    task = asyncio.create_task(self._answer_tcp(writer, query, via))
                     answering.add(task)
                     task.add_done_callback(answering.discard)
                 data = await reader.read(65535)
@@ -433,14 +539,37 @@ class Peer:
             pass
         finally:
             self.open_connections -= 1
+            self._streams.pop(writer, None)
             for task in answering:
                 task.cancel()
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1)
 
-    async def _answer_tcp(self, writer: asyncio.StreamWriter, query: dns.message.Message) -> None:
+    def _chaos(self, via: str) -> Fault | None:
+        """The fault that strikes TLS connections now, if any."""
+        if via == "tcp":
+            return None
+        faults = self.config.faults
+        return next(
+            (f for f in (Fault.RESET_MID_ANSWER, Fault.CLOSE_IN_FLIGHT) if f in faults), None
+        )
+
+    async def _half_then_reset(
+        self, writer: asyncio.StreamWriter, query: dns.message.Message
+    ) -> None:
+        wire = frame(self._wire(answer(query, to=False)))
+        writer.write(wire[: len(wire) // 2])
+        await writer.drain()
+        await asyncio.sleep(0.05)  # on the wire before the RST (SO_LINGER 0 drops what is not)
+        _reset(writer)
+
+    async def _answer_tcp(
+        self, writer: asyncio.StreamWriter, query: dns.message.Message, via: str = "tcp"
+    ) -> None:
         await self._pause(query)
+        if via == "tls-port" and {Fault.BLACKHOLE_TLS, Fault.STALL_TLS} & self.config.faults:
+            return  # switched on while this connection was open: its packets go nowhere now
         response = answer(query, to=False)
         asked = any(o.otype == dns.edns.OptionType.KEEPALIVE for o in query.options)
         if asked and self.config.keepalive is not None and response.edns >= 0:
@@ -457,6 +586,49 @@ class Peer:
             writer.close()
             return
         writer.write(frame(wire))
+
+
+def _tls_kind(faults: frozenset[Fault]) -> str:
+    """What listens on the TLS port under these faults."""
+    if Fault.DROP_TLS in faults:
+        return "refused"
+    if Fault.BLACKHOLE_TLS in faults:
+        return "blackhole"
+    if {Fault.RESET, Fault.STALL_TLS} & faults:
+        return "raw"  # accepted, no TLS spoken
+    return "tls"
+
+
+def _read_control(
+    path: Path, seen: tuple[int, int, int] | None
+) -> tuple[tuple[int, int, int], dict[str, typing.Any] | None]:
+    """The control file's identity now, and its content when that changed since `seen`."""
+    st = path.stat()
+    now = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if now == seen:
+        return now, None
+    spec = json.loads(path.read_text())
+    if not isinstance(spec, dict):
+        raise TypeError("not a JSON object")
+    return now, spec
+
+
+def write_control(
+    path: Path,
+    faults: typing.Iterable[Fault],
+    *,
+    delay: float | None = None,
+    strike_after: int | None = None,
+) -> None:
+    """Switch the faults of a peer run with --control PATH (atomically: it polls the file)."""
+    spec: dict[str, object] = {"faults": sorted(str(f) for f in faults)}
+    if delay is not None:
+        spec["delay"] = delay
+    if strike_after is not None:
+        spec["strike_after"] = strike_after
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(spec))
+    tmp.replace(path)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -488,6 +660,8 @@ async def _main(args: argparse.Namespace) -> None:
         close_after=args.close_after,
         keepalive=args.keepalive,
         drop_udp=args.drop_udp,
+        strike_after=args.strike_after,
+        control=args.control,
     )
     peer = await Peer(config).start()
     print(json.dumps({"dns_port": peer.dns_port, "tls_port": peer.tls_port}), flush=True)
@@ -513,6 +687,12 @@ def main() -> None:
     parser.add_argument("--close-after", type=int)
     parser.add_argument("--keepalive", type=float)
     parser.add_argument("--drop-udp", type=int, default=0, metavar="N")
+    parser.add_argument("--strike-after", type=int, default=0, metavar="N",
+                        help="answers per TLS connection before reset-mid-answer or "
+                        "close-in-flight strike")  # fmt: skip
+    parser.add_argument("--control", type=Path, metavar="FILE",
+                        help='switch faults at run time: {"faults": [...], "delay": s, '
+                        '"strike_after": n}, polled')  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_main(args))

@@ -17,6 +17,7 @@ from agent.engine import Engine, LinkTable
 from agent.errors import UsageError
 from agent.model import (
     Auth,
+    Failure,
     Link,
     Method,
     NetResolver,
@@ -28,7 +29,7 @@ from agent.model import (
     TLSInfo,
     UpstreamSpec,
 )
-from agent.policy import Alert, Warning
+from agent.policy import SUSPECT_REPROBE_MIN, Alert, Warning
 from agent.state import Store
 from agent.tunnel.forwarder import Tunnel
 from agent.tunnel.settings import TunnelConfig
@@ -186,6 +187,52 @@ def test_warnings_are_raised_once_and_cleared(tmp_path: Path) -> None:
             engine.on_nm(NMSnapshot({}))
             await settle(engine)
             assert [w.alert for _, c in seen for w in c] == [Alert.NO_PRIVATE_DNS]
+        finally:
+            await stopped(tunnel, task)
+
+    run(go())
+
+
+def test_the_loop_is_closed(tmp_path: Path) -> None:
+    """What the running tunnel reports goes through the policy: a failed TLS path is probed
+    again (the other path first) and the order follows; a change of mode is told."""
+
+    async def go() -> None:
+        seen: list[tuple[list[Warning], list[Warning]]] = []
+        now = [1_000_000.0]
+        prober = FakeProber({A: Method.TLS_PORT})
+        tunnel = Tunnel(TunnelConfig(upstreams=(), listen=(("127.0.0.1", 0),)))
+        await tunnel.start()
+        engine = Engine(
+            cfg("encrypted"),
+            tunnel,
+            Store(tmp_path),
+            prober=prober,
+            clock=lambda: now[0],
+            on_warnings=lambda r, c: seen.append((r, c)),
+        )
+        task = asyncio.create_task(engine.run())
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+            await settle(engine)
+            assert [str(u.spec) for u in tunnel.upstreams] == ["tls-port:198.51.100.1@853"]
+            # the tunnel: port 853 went silent; meanwhile only the upgrade works
+            prober.methods[A] = Method.TLS_UPGRADE
+            now[0] += SUSPECT_REPROBE_MIN
+            engine.upstream_failed(UpstreamSpec(A), Failure.TIMEOUT, "silent to a probe")
+            await settle(engine)
+            assert prober.calls == [A, A]
+            assert [str(u.spec) for u in tunnel.upstreams] == ["tls-upgrade:198.51.100.1@53"]
+            k = engine.state.knowledge[("nm:u-1", A)]
+            assert k.method is Method.TLS_UPGRADE and k.suspect_at == 0
+            # and every change of mode at run time reaches the user, and clears
+            engine.mode_changed("down", "tls-upgrade:198.51.100.1@53: reset")
+            await settle(engine)
+            assert [w.alert for r, _ in seen for w in r] == [Alert.TUNNEL_DOWN]
+            assert "reset" in seen[-1][0][0].text
+            engine.mode_changed("private", "")
+            await settle(engine)
+            assert [w.alert for _, c in seen for w in c] == [Alert.TUNNEL_DOWN]
         finally:
             await stopped(tunnel, task)
 

@@ -79,7 +79,7 @@ def test_unit_fits_the_code() -> None:
     unit = unit_settings()
     assert unit["Type"] == ["notify"]  # the daemon sends READY=1, RELOADING=1, WATCHDOG=1
     assert unit["ExecStart"] == ["/usr/bin/dnstls-agent run"]
-    assert unit["ExecStopPost"] == ["+/usr/bin/dnstls-agent restore"]
+    assert unit["ExecStopPost"] == ["+/usr/bin/dnstls-agent restore --unless-restarting"]
     defaults = config.Config()
     assert "/var/lib/" + unit["StateDirectory"][0] == defaults.state_dir
     assert "/run/" + unit["RuntimeDirectory"][0] == defaults.runtime_dir

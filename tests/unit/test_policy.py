@@ -11,6 +11,7 @@ from agent import policy
 from agent.config import Config, ConfigProfile, LinkSettings
 from agent.model import (
     Auth,
+    Failure,
     Knowledge,
     Link,
     Method,
@@ -117,7 +118,8 @@ def test_no_cleartext_outside_opportunistic(profile: str) -> None:
 def test_opportunistic_cleartext_only_network_is_announced() -> None:
     ln = link("eth0", A)
     plan = policy.decide([ln], conf(), kmap(know(ln, A, Method.UDP_PLAIN)), T0)
-    assert plan.upstreams == (UpstreamSpec(A, Method.TCP_PLAIN, 53),)
+    # the transport the probe saw answer: only UDP did, so UDP (not TCP, which may be closed)
+    assert plan.upstreams == (UpstreamSpec(A, Method.UDP_PLAIN, 53),)
     assert [w.alert for w in plan.warnings] == [Alert.CLEARTEXT]
     nofallback = policy.decide(
         [ln], conf(cleartext_fallback=False), kmap(know(ln, A, Method.UDP_PLAIN)), T0
@@ -165,6 +167,106 @@ def test_key_change_warns() -> None:
     plan = policy.decide([ln], conf(), kmap(k), T0)
     assert [w.alert for w in plan.warnings] == [Alert.KEY_CHANGED]
     assert plan.upstreams == (UpstreamSpec(A),)
+
+
+def test_key_change_warning_clears_once_the_new_key_is_stable() -> None:
+    ln = link("eth0", A)
+    k = know(ln, A, Method.TLS_PORT, Auth.NONE, pin=PIN1, pins_seen=(PIN1,), pin_stable=5)
+    for i in range(1, policy.KEY_STABLE_PROBES + 1):  # the new key, probe after probe
+        k = policy.learn(
+            k, _result(Method.TLS_PORT, pin=PIN2), network=ln.network_id, now=T0 + i,
+            negative_cache=3600,
+        )  # fmt: skip
+        assert k.pin_stable == i
+        alerts = [w.alert for w in policy.decide([ln], conf(), kmap(k), T0 + i).warnings]
+        assert (Alert.KEY_CHANGED in alerts) is (i < policy.KEY_STABLE_PROBES)
+    back = policy.learn(
+        k, _result(Method.TLS_PORT, pin=PIN1), network=ln.network_id, now=T0 + 9,
+        negative_cache=3600,
+    )  # fmt: skip
+    assert back.pin_stable == 1  # another change: warned again
+    assert [w.alert for w in policy.decide([ln], conf(), kmap(back), T0 + 9).warnings] == [
+        Alert.KEY_CHANGED
+    ]
+
+
+@pytest.mark.parametrize(
+    ("profile", "fallback", "plain", "want"),
+    [
+        ("opportunistic", True, Method.UDP_PLAIN, (Method.TLS_PORT, Method.UDP_PLAIN)),
+        ("opportunistic", True, Method.TCP_PLAIN, (Method.TLS_PORT, Method.TCP_PLAIN)),
+        ("opportunistic", True, None, (Method.TLS_PORT,)),  # nothing answered in cleartext
+        ("opportunistic", False, Method.UDP_PLAIN, (Method.TLS_PORT,)),
+        ("encrypted", True, Method.UDP_PLAIN, (Method.TLS_PORT,)),
+        ("strict", True, Method.UDP_PLAIN, (Method.TLS_PORT,)),
+    ],
+)
+def test_cleartext_fallback_is_in_the_order_or_nowhere(
+    profile: str, fallback: bool, plain: Method | None, want: tuple[Method, ...]
+) -> None:
+    """The one decider: the cleartext fallback of a private resolver is an entry of the
+    order (last, over what the probe saw answer), or there is none at all."""
+    ln = link("eth0", A, B)
+    ks = kmap(
+        know(ln, A, Method.TLS_PORT, Auth.IP_SAN, plain=plain),
+        know(ln, B, Method.TLS_PORT, Auth.IP_SAN, plain=plain, latency_ms=20.0),
+    )
+    plan = policy.decide([ln], conf(profile, cleartext_fallback=fallback), ks, T0)
+    private = [u for u in plan.upstreams if u.private]
+    assert [u.address for u in private] == [A, B]
+    tail = plan.upstreams[len(private) :]
+    assert all(not u.private for u in tail)  # cleartext only ever after every private entry
+    assert tuple(u.method for u in plan.upstreams if u.address == A) == want
+    assert all(u.port == 53 for u in tail)
+
+
+def test_plain_seen_follows_the_probe() -> None:
+    udp = PathOutcome(ProbePath.UDP, Method.UDP_PLAIN, to_in_response=False)
+    upgrade = PathOutcome(ProbePath.UPGRADE, Method.UNREACHABLE, to_in_response=False)
+    res = dataclasses.replace(_result(Method.TLS_PORT, pin=PIN1), paths=(udp,))
+    assert policy.plain_seen(res) is Method.UDP_PLAIN
+    assert policy.plain_seen(dataclasses.replace(res, paths=(udp, upgrade))) is Method.TCP_PLAIN
+    assert policy.plain_seen(dataclasses.replace(res, paths=())) is None
+    k = policy.learn(None, res, network="n", now=T0, negative_cache=3600)
+    assert k.plain is Method.UDP_PLAIN
+
+
+def test_tunnel_failure_reprobes_upgrade_first_at_most_so_often() -> None:
+    ln = link("eth0", A)
+    k = know(ln, A, Method.TLS_PORT, Auth.IP_SAN, plain=Method.UDP_PLAIN)
+    spec = UpstreamSpec(A)
+    now = T0 + 10
+    # a cleartext entry's failure, or one of another method, teaches nothing
+    assert policy.tunnel_failed(k, UpstreamSpec(A, Method.UDP_PLAIN, 53), Failure.TIMEOUT,
+                                "x", now) is None  # fmt: skip
+    assert policy.tunnel_failed(None, spec, Failure.RESET, "x", now) is None
+    suspect = policy.tunnel_failed(k, spec, Failure.TIMEOUT, "silent", now)
+    assert suspect is not None and suspect.suspect_at == now
+    plan = policy.decide([ln], conf(), kmap(suspect), now)
+    assert plan.probes == ()  # probed 10 s ago: not again before SUSPECT_REPROBE_MIN
+    assert plan.wake_at == T0 + policy.SUSPECT_REPROBE_MIN
+    later = T0 + policy.SUSPECT_REPROBE_MIN
+    (req,) = policy.decide([ln], conf(), kmap(suspect), later).probes
+    assert "tunnel's connection failed" in req.reason and "silent" in req.reason
+    assert req.settings.order is Order.UPGRADE_FIRST  # port 853 just failed: the other first
+    # the order meanwhile is unchanged: the tunnel's own backoff handles the moment
+    assert plan.upstreams == (UpstreamSpec(A), UpstreamSpec(A, Method.UDP_PLAIN, 53))
+    relearnt = policy.learn(suspect, _result(Method.TLS_UPGRADE, pin=PIN1), network=ln.network_id,
+                            now=later, negative_cache=3600)  # fmt: skip
+    assert relearnt.suspect_at == 0 and relearnt.method is Method.TLS_UPGRADE
+
+
+@pytest.mark.parametrize(
+    ("mode", "alert"),
+    [("cleartext", Alert.TUNNEL_CLEARTEXT), ("down", Alert.TUNNEL_DOWN), ("private", None)],
+)
+def test_tunnel_mode_at_run_time_is_told(mode: str, alert: Alert | None) -> None:
+    ln = link("eth0", A)
+    ks = kmap(know(ln, A, Method.TLS_PORT, Auth.IP_SAN))
+    plan = policy.decide([ln], conf("strict"), ks, T0, tunnel_mode=(mode, "reset by peer"))
+    alerts = [w for w in plan.warnings if w.ifname == policy.TUNNEL]
+    assert [w.alert for w in alerts] == ([alert] if alert else [])
+    assert all("reset by peer" in w.text for w in alerts)
 
 
 def test_strictest_link_sets_the_machine_profile() -> None:

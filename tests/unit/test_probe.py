@@ -259,6 +259,39 @@ def test_blackholed_853_without_upgrade_times_out_within_deadline(certs: Certs) 
     deadline_held(r)
 
 
+@pytest.mark.parametrize("profile", [Profile.OPPORTUNISTIC, Profile.STRICT])
+def test_853_stalled_after_accept_costs_the_fallback_delay(certs: Certs, profile: Profile) -> None:
+    """A middlebox that accepts TCP on 853 and never answers the ClientHello: connected is
+    not enough, the upgrade starts when 853 has not finished its handshake in time."""
+    auth, expected = opportunistic(), Auth.NONE
+    if profile is Profile.STRICT:
+        auth, expected = strict(ca_file=str(certs.ca.path)), Auth.IP_SAN
+    r, p = probe_peer(peer(certs.good, Fault.STALL_TLS), auth)
+    assert r.method is Method.TLS_UPGRADE and r.acceptable
+    assert r.auth is expected
+    port, upgrade = path(r, Path.PORT), path(r, Path.UPGRADE)
+    assert port.failure is Failure.ABANDONED
+    assert port.detail == "connected, another path succeeded first"
+    assert port.timings.connect_ms is not None and port.timings.handshake_ms is None
+    assert port.tls is None
+    assert 240 <= upgrade.started_ms < 400  # started by the fallback delay (0.25 s)
+    assert upgrade.failure is None and upgrade.timings.handshake_ms is not None
+    assert r.decided_ms < TIMEOUT * 1000 / 2  # well within the deadline
+    assert r.resumption is True  # checked over the upgrade, the path that worked
+    assert p.handshakes == 2  # both on the upgrade: 853 never got a ServerHello out
+    assert set(cleartext(p)) == {"STARTTLS./CH/TXT"}
+    deadline_held(r)
+
+
+def test_853_stalled_without_upgrade_times_out_within_deadline(certs: Certs) -> None:
+    r, _ = probe_peer(peer(certs.good, Fault.STALL_TLS, upgrade=False))
+    assert r.method is Method.TCP_PLAIN and not r.acceptable
+    port = path(r, Path.PORT)
+    assert port.failure is Failure.TIMEOUT and port.timings.connect_ms is not None
+    assert path(r, Path.UPGRADE).started_ms < 400  # not held back until the deadline
+    deadline_held(r)
+
+
 def test_no_answer_to_to_query(certs: Certs) -> None:
     r, _ = probe_peer(peer(certs.good, Fault.NO_TO_ANSWER), tls_closed=True)
     assert r.method is Method.UDP_PLAIN and not r.acceptable

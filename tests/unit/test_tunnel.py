@@ -24,7 +24,8 @@ import pytest
 
 from agent.dns.wire import frame
 from agent.errors import UsageError
-from agent.model import Method, Profile, UpstreamSpec
+from agent.model import Failure, Method, Profile, UpstreamSpec
+from agent.policy import tunnel_order
 from agent.tunnel.forwarder import Mode, Tunnel
 from agent.tunnel.retransmit import MAX_RETRANSMITS, RTO_INITIAL, RTO_MIN
 from agent.tunnel.settings import TunnelConfig
@@ -41,11 +42,31 @@ def tls_up(p: Peer, name: str | None = None) -> UpstreamSpec:
     return UpstreamSpec(HOST, Method.TLS_PORT, p.tls_port, name)
 
 
+class Events:
+    """The tunnel's owner, as a recorder (the engine's side of TunnelEvents)."""
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[UpstreamSpec, Failure, str]] = []
+        self.recovered: list[UpstreamSpec] = []
+        self.modes: list[Mode] = []
+
+    def upstream_failed(self, spec: UpstreamSpec, failure: Failure, detail: str) -> None:
+        self.failed.append((spec, failure, detail))
+
+    def upstream_recovered(self, spec: UpstreamSpec) -> None:
+        self.recovered.append(spec)
+
+    def mode_changed(self, mode: Mode, why: str) -> None:
+        self.modes.append(mode)
+
+
 @contextlib.asynccontextmanager
-async def tunnel(*upstreams: UpstreamSpec, **kw: Any) -> AsyncIterator[Tunnel]:
+async def tunnel(
+    *upstreams: UpstreamSpec, events: Events | None = None, **kw: Any
+) -> AsyncIterator[Tunnel]:
     kw.setdefault("listen", ((HOST, 0),))
     kw.setdefault("profile", Profile.OPPORTUNISTIC)
-    t = Tunnel(TunnelConfig(upstreams=upstreams, **kw))
+    t = Tunnel(TunnelConfig(upstreams=upstreams, **kw), events=events)
     await t.start()
     try:
         yield t
@@ -209,19 +230,53 @@ def test_failover_in_order_and_recovery(certs: Certs) -> None:
     run(go())
 
 
-def test_stalled_upstream_fails_over(certs: Certs) -> None:
+def test_silent_upstream_fails_over_on_evidence(certs: Certs) -> None:
+    """Silent to the query and to the liveness probe after it: dead, on evidence; the
+    query goes to the next private upstream and the owner is told."""
+
     async def go() -> None:
+        events = Events()
         async with (
             peer(certs.good, Fault.SLOW, delay=30) as a,
             peer(certs.good) as b,
-            tunnel(tls_up(a), tls_up(b), stall_timeout=0.4) as t,
+            tunnel(
+                tls_up(a), tls_up(b), events=events, liveness_after=0.3, liveness_timeout=0.3
+            ) as t,
         ):
             t0 = time.monotonic()
             r = await ask(t, "stuck.test")
             assert a_of(r) == PEER_A
             assert "stuck.test." in [s.qname for s in b.seen]
-            assert time.monotonic() - t0 < 1.5
-            assert t.upstreams[0].state is State.BACKOFF
+            assert 0.55 < time.monotonic() - t0 < 1.5
+            up = t.upstreams[0]
+            assert up.state is State.BACKOFF and up.stats.liveness_probes == 1
+            assert "liveness probe" in up.last_error
+            assert [(s, f) for s, f, _ in events.failed] == [(tls_up(a), Failure.TIMEOUT)]
+            assert events.modes == []  # b was there all along: still private
+
+    run(go())
+
+
+def test_slow_answer_is_waited_for_and_never_sent_in_cleartext(certs: Certs) -> None:
+    """A 3 s answer (a cold cache) on a quiet, healthy TLS connection, with a cleartext
+    fallback in the order: waited for inside TLS; nothing goes out in cleartext."""
+
+    async def go() -> None:
+        events = Events()
+        async with peer(certs.good) as p:
+            order = tunnel_order([tls_up(p)], Profile.OPPORTUNISTIC, cleartext_port=p.dns_port)
+            assert not order[-1].private  # the fallback is there, and unused
+            async with tunnel(*order, events=events) as t:
+                t0 = time.monotonic()
+                r = await ask(t, "delay-3000.test", wait=6)
+                assert a_of(r) == PEER_A
+                assert 2.9 < time.monotonic() - t0 < 4.0
+                up = t.upstreams[0]
+                assert up.state is State.UP and up.stats.liveness_probes >= 1
+                assert [s.via for s in p.seen if s.qname == "delay-3000.test."] == ["tls-port"]
+                assert not [s for s in p.seen if s.via in ("tcp", "udp")]
+                assert t.stats.cleartext == 0 and t.mode is Mode.PRIVATE
+                assert events.failed == [] and events.modes == []
 
     run(go())
 
@@ -404,12 +459,41 @@ def test_opportunistic_falls_back_to_cleartext_and_says_so(certs: Certs) -> None
             closed.bind((HOST, 0))
             dead_tls = UpstreamSpec(HOST, Method.TLS_PORT, closed.getsockname()[1])
             closed.close()
-            async with tunnel(dead_tls, cleartext_port=p.dns_port) as t:
-                t.on_mode = modes.append
-                assert a_of(await ask(t, "plain.test")) == PEER_A
-                assert t.mode is Mode.CLEARTEXT and modes == [Mode.CLEARTEXT]
-                assert [s.via for s in p.seen if s.qname == "plain.test."] == ["tcp"]
+            events = Events()
+            order = tunnel_order([dead_tls], Profile.OPPORTUNISTIC, cleartext_port=p.dns_port)
+            async with tunnel(*order, events=events) as t:
+                r = await ask(t, "plain.test", use_edns=False)
+                assert a_of(r) == PEER_A and r.edns == -1
+                assert t.mode is Mode.CLEARTEXT and events.modes == [Mode.CLEARTEXT]
+                assert [(s.via, s.padded) for s in p.seen if s.qname == "plain.test."] == [
+                    ("tcp", False)  # as the client sent it: no OPT, no padding (RFC 7830 6)
+                ]
                 assert t.stats.cleartext == 1
+                assert [(s, f) for s, f, _ in events.failed] == [(dead_tls, Failure.REFUSED)]
+            del modes
+
+    run(go())
+
+
+def test_order_without_cleartext_never_sends_cleartext(certs: Certs) -> None:
+    """Opportunistic, but the order (the policy's, e.g. cleartext_fallback = false) has no
+    cleartext entry: the tunnel adds none. Every private path dead: SERVFAIL, said."""
+
+    async def go() -> None:
+        async with peer(None, tls_port=None, upgrade=False) as p:
+            closed = socket.socket()
+            closed.bind((HOST, 0))
+            dead_tls = UpstreamSpec(HOST, Method.TLS_PORT, closed.getsockname()[1])
+            closed.close()
+            order = tunnel_order([dead_tls], Profile.OPPORTUNISTIC, cleartext_fallback=False)
+            assert order == (dead_tls,)
+            events = Events()
+            async with tunnel(*order, events=events) as t:
+                assert [u.spec for u in t.upstreams] == [dead_tls]
+                r = await ask(t, "never.test")
+                assert r.rcode() == dns.rcode.SERVFAIL
+                assert p.seen == [] and t.stats.cleartext == 0
+                assert t.mode is Mode.DOWN and events.modes == [Mode.DOWN]
 
     run(go())
 

@@ -101,7 +101,7 @@ def test_schedule_stops_at_its_limit() -> None:
 
 def _pending(name: str) -> Pending:
     wire = dns.message.make_query(name, "A").to_wire()
-    return Pending(_Sink(), None, wire, packet.parse_query(wire), False, float("inf"))
+    return Pending(_Sink(), None, wire, packet.parse_query(wire), float("inf"))
 
 
 class _Sink(_NoSink):
