@@ -65,6 +65,7 @@ class Daemon:
                 listen=cfg.listen,
                 idle_timeout=cfg.idle_timeout,
                 query_timeout=cfg.query_timeout,
+                fallback_delay=cfg.defaults.fallback_delay,
             ),
             events=self,
         )

@@ -113,6 +113,11 @@ class UpstreamSpec:
     auth_name: str | None = None
     pins: frozenset[str] = frozenset()
     ca_file: str | None = None  # CA bundle for this resolver; None: the tunnel's, else the system's
+    # The other TLS path to the same resolver (method, port) that the tunnel may race when
+    # the first has not finished its handshake within its fallback delay: the policy's to
+    # grant; never a cleartext one. Not part of the text form, nor of equality: the same
+    # resolver reached the same way first is the same upstream.
+    alt: tuple[Method, int] | None = field(default=None, compare=False)
 
     @property
     def private(self) -> bool:

@@ -275,8 +275,18 @@ def probe_settings(
 
 
 def _upstream(r: NetResolver, s: LinkSettings, method: Method) -> UpstreamSpec:
+    """A private entry may race the resolver's other TLS path when its own is slow to finish
+    the handshake (happy eyeballs, as in the probe): same resolver, same authentication,
+    nothing in cleartext but the STARTTLS dummy."""
     port = (r.port or 853) if method is Method.TLS_PORT else 53
-    return UpstreamSpec(r.address, method, port, r.auth_name or s.auth_name, s.pins, s.ca_file)
+    alt: tuple[Method, int] | None = None
+    if method is Method.TLS_PORT:
+        alt = (Method.TLS_UPGRADE, 53)
+    elif method is Method.TLS_UPGRADE:
+        alt = (Method.TLS_PORT, r.port or 853)
+    return UpstreamSpec(
+        r.address, method, port, r.auth_name or s.auth_name, s.pins, s.ca_file, alt=alt
+    )
 
 
 def decide(

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent import tls
@@ -26,7 +26,7 @@ from agent.dns.packet import PacketError
 from agent.errors import UsageError
 from agent.model import AuthSpec, Failure, Method, Profile, UpstreamSpec
 from agent.tunnel.connection import UpstreamConn
-from agent.tunnel.events import Mode, NoTunnelEvents, TunnelEvents
+from agent.tunnel.events import Mode, NoTunnelEvents, TunnelEvents, UpstreamEvents
 from agent.tunnel.listeners import TcpListener, UdpListener
 from agent.tunnel.pending import Pending, Sink
 from agent.tunnel.settings import TunnelConfig
@@ -53,10 +53,22 @@ def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
             )
 
 
+UpstreamFactory = Callable[[UpstreamSpec, int, AuthSpec, TunnelConfig, UpstreamEvents], Upstream]
+
+
 class Tunnel:
-    def __init__(self, cfg: TunnelConfig, *, events: TunnelEvents | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TunnelConfig,
+        *,
+        events: TunnelEvents | None = None,
+        upstream_factory: UpstreamFactory = Upstream,
+    ) -> None:
+        """`upstream_factory`: how an entry of the order becomes an upstream (tests route
+        over upstreams in memory)."""
         check_upstreams(cfg.upstreams, cfg.profile)
         self.cfg = cfg
+        self._make_upstream = upstream_factory
         self.loop = asyncio.get_running_loop()
         self.stats = TunnelStats()
         self.events: TunnelEvents = events or NoTunnelEvents()
@@ -145,7 +157,7 @@ class Tunnel:
         for i, spec in enumerate([*wanted, *plain]):
             up = old.pop(spec, None)
             if up is None:
-                up = Upstream(spec, i, self._auth(spec), self.cfg, self)
+                up = self._make_upstream(spec, i, self._auth(spec), self.cfg, self)
             else:
                 up.place(i)
             ups.append(up)

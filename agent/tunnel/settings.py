@@ -18,6 +18,7 @@ class TunnelConfig:
     listen: tuple[tuple[str, int], ...] = DEFAULT_LISTEN
     idle_timeout: float = 60.0  # the draft's suggestion for stub-to-recursive
     connect_timeout: float = 3.0
+    fallback_delay: float = 0.25  # then an upstream's `alt` TLS path races the first
     query_timeout: float = 5.0  # one query's deadline: then the client gets SERVFAIL
     # A slow answer is no evidence that a connection is dead. Quiet this long with queries
     # out, a stream connection gets a liveness probe (a query of ours); no byte back within

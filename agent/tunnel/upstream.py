@@ -54,6 +54,13 @@ def failure_of(exc: TransportError) -> Failure:
     return _FAILURES.get(exc.reason, Failure.UNREACHABLE)
 
 
+def _both(errors: Sequence[tuple[tuple[Method, int], TransportError]]) -> TransportError:
+    """Both TLS paths failed: the first one's kind of error, with both details."""
+    first = errors[0][1]
+    detail = "; ".join(f"{m} (port {p}): {e.detail}" for (m, p), e in errors)
+    return type(first)(detail)
+
+
 class State(StrEnum):
     IDLE = "idle"
     CONNECTING = "connecting"
@@ -156,21 +163,73 @@ class Upstream:
         self._task = asyncio.create_task(self._connect(), name=f"connect {self.spec}")
 
     async def _connect(self) -> None:
+        """Happy eyeballs on the handshake: when the spec grants an `alt` TLS path and the
+        first has not finished its handshake within `fallback_delay` (or failed before),
+        the alt path starts too; the first to finish wins, the other is closed."""
         spec = self.spec
         if spec.method is Method.UDP_PLAIN:
             self._up_datagram()
             return
+        paths: list[tuple[Method, int]] = [(spec.method, spec.port)]
+        if spec.alt is not None and spec.private and spec.alt[0].private:
+            paths.append(spec.alt)
         deadline = self.loop.time() + self.cfg.connect_timeout
-        conn: Connection | None = None
+        tasks: dict[asyncio.Task[Connection], tuple[Method, int]] = {}
+
+        def start(path: tuple[Method, int]) -> None:
+            task = asyncio.create_task(self._open(*path, deadline), name=f"connect {spec} {path}")
+            tasks[task] = path
+
+        start(paths[0])
+        errors: list[tuple[tuple[Method, int], TransportError]] = []
+        winner: tuple[Connection, tuple[Method, int]] | None = None
         try:
-            conn = await Connection.open(
-                spec.address, spec.port, deadline, fastopen=self.cfg.fastopen
-            )
-            if spec.method is Method.TLS_UPGRADE:
+            while tasks and winner is None:
+                raced = len(paths) == 1 or len(tasks) + len(errors) > 1
+                done, _ = await asyncio.wait(
+                    tasks,
+                    timeout=None if raced else self.cfg.fallback_delay,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    path = tasks.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        winner = (task.result(), path)
+                        break
+                    if not isinstance(exc, TransportError):
+                        raise exc
+                    errors.append((path, exc))
+                if winner is None and not raced:
+                    start(paths[1])  # the first is slow, or failed: the other path too
+        finally:
+            for task in tasks:
+                task.cancel()
+            for result in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(result, Connection):
+                    result.close()
+        if winner is None:
+            self._failed(errors[0][1] if len(errors) == 1 else _both(errors))
+            return
+        conn, path = winner
+        if path != paths[0]:  # what the order says first did not work (in time): learnt
+            first = next((e for p, e in errors if p == paths[0]), None)
+            detail = first.detail if first else f"no handshake in {self.cfg.fallback_delay} s"
+            why = f"{paths[0][0]} {detail}; {path[0]} won the race"
+            LOG.warning("%s: %s", spec, why)
+            self.events.failed(self, failure_of(first) if first else Failure.TIMEOUT, why)
+        self._up(conn)
+
+    async def _open(self, method: Method, port: int, deadline: float) -> Connection:
+        """One path: TCP, the STARTTLS exchange for the upgrade, TLS and its authentication."""
+        spec = self.spec
+        conn = await Connection.open(spec.address, port, deadline, fastopen=self.cfg.fastopen)
+        try:
+            if method is Method.TLS_UPGRADE:
                 answer = await starttls(conn, deadline)
                 if not wire.has_to(answer):
                     raise TLSHandshakeFailed("TO clear in the answer: the server does not upgrade")
-            if spec.private:
+            if method.private:
                 tls = await conn.start_tls(
                     context_for(self.auth),
                     deadline,
@@ -183,16 +242,10 @@ class Upstream:
                     check_peer(tls, spec.address, self.auth)
             if syn_data_acked(conn.sock):
                 self.stats.fastopen += 1
-        except TransportError as exc:
-            if conn is not None:
-                conn.close()
-            self._failed(exc)
-            return
-        except asyncio.CancelledError:
-            if conn is not None:
-                conn.close()
+        except BaseException:
+            conn.close()
             raise
-        self._up(conn)
+        return conn
 
     def _up_datagram(self) -> None:
         """Plain DNS over UDP: nothing to connect but a socket."""

@@ -731,3 +731,49 @@ def test_udp_upstream_truncated_and_tcp_never_answers(certs: Certs) -> None:
             assert [s.via for s in p.seen] == ["udp", "udp"]  # TCP read, never answered
 
     run(go())
+
+
+# -- happy eyeballs on the handshake ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [Fault.STALL_TLS, Fault.BLACKHOLE_TLS])
+def test_slow_handshake_races_the_other_tls_path(certs: Certs, fault: Fault) -> None:
+    """Port 853 accepts and then says nothing (a transparent proxy), or swallows SYNs: the
+    policy granted the upgrade as the entry's other path; it starts after fallback_delay
+    and wins. Only the STARTTLS dummy crosses in cleartext; the owner learns of it."""
+
+    async def go() -> None:
+        events = Events()
+        async with peer(certs.good, fault) as p:
+            assert p.tls_port is not None
+            spec = UpstreamSpec(
+                HOST, Method.TLS_PORT, p.tls_port, alt=(Method.TLS_UPGRADE, p.dns_port)
+            )
+            async with tunnel(spec, events=events, profile=Profile.STRICT,
+                              ca_file=str(certs.ca.path), fallback_delay=0.2) as t:  # fmt: skip
+                t0 = time.monotonic()
+                assert a_of(await ask(t, "raced.test")) == PEER_A
+                assert 0.2 < time.monotonic() - t0 < 1.5
+                assert [s.via for s in p.seen if s.qname == "raced.test."] == ["tls-upgrade"]
+                assert {s.qname for s in p.seen if s.via in ("tcp", "udp")} == {"STARTTLS."}
+                (failed,) = events.failed
+                assert failed[0] == spec and "won the race" in failed[2]
+                assert t.upstreams[0].state is State.UP and t.mode is Mode.PRIVATE
+
+    run(go())
+
+
+def test_without_an_alt_path_a_stalled_handshake_is_a_failure(certs: Certs) -> None:
+    async def go() -> None:
+        events = Events()
+        async with peer(certs.good, Fault.STALL_TLS) as p:
+            assert p.tls_port is not None
+            spec = UpstreamSpec(HOST, Method.TLS_PORT, p.tls_port)
+            async with tunnel(spec, events=events, connect_timeout=0.5, fallback_delay=0.1) as t:
+                r = await ask(t, "stalled.test")
+                assert r.rcode() == dns.rcode.SERVFAIL
+                assert [f for _, f, _ in events.failed] == [Failure.TIMEOUT]
+                assert p.seen == []  # the upgrade was not the order's to try: nothing else
+                assert t.mode is Mode.DOWN
+
+    run(go())
