@@ -23,8 +23,10 @@ class TunnelConfig:
     # A slow answer is no evidence that a connection is dead. Quiet this long with queries
     # out, a stream connection gets a liveness probe (a query of ours); no byte back within
     # liveness_timeout after it: dead.
-    liveness_after: float = 2.0
-    liveness_timeout: float = 2.0
+    # 1.5 + 2.5: a server slow on everything, up to 4 s, is still alive; a dead connection's
+    # queries are asked again elsewhere with a second left of the default 5 s deadline.
+    liveness_after: float = 1.5
+    liveness_timeout: float = 2.5
     stall_timeout: float = 2.5  # datagrams only: queries resent, not one datagram back: dead
     backoff_min: float = 1.0
     backoff_max: float = 60.0

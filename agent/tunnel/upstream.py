@@ -417,12 +417,16 @@ class Upstream:
     def _on_lost(self, conn: UpstreamConn, exc: TransportError) -> None:
         self.conn = None
         orphans = self._orphans(conn)
-        if isinstance(exc, Closed):
-            # RFC 7766: servers may close at any time; not a failure. What was in flight
+        if isinstance(exc, Closed) or conn.progress:
+            # RFC 7766: servers may close at any time; not a failure. Nor is a connection
+            # that answered and then died (reset, a TLS error, silence): the connection is
+            # dead, not the path, and the next one is opened at once. What was in flight
             # goes again on a fresh connection, while connections keep making progress
             # (the query deadline bounds it); a server that closes without answering
             # anything gets each query once more, then it counts as failed for them.
-            LOG.info("%s: %s (%d in flight)", self.spec, exc.detail, len(orphans))
+            level = logging.INFO if isinstance(exc, Closed) else logging.WARNING
+            LOG.log(level, "%s: %s (%d in flight, %d answered on it): reconnecting",
+                    self.spec, exc.detail, len(orphans), conn.progress)  # fmt: skip
             self._to(State.IDLE)
             if conn.progress:
                 again, failed = orphans, []

@@ -8,7 +8,9 @@ on the server side what crossed the wire in cleartext.
 
 Run standalone (inside a namespace, for the demo and benchmarks):
     python -m tests.lab.peer --host 198.51.100.1 --dns-port 53 --tls-port 853 --cert C --key K
-It prints one JSON line with the bound ports once it is ready.
+It prints one JSON line with the bound ports once it is ready. With --control FILE it
+polls FILE for faults switched at run time (`write_control`), so that a test can start
+healthy and then break (tests/lab/faultmatrix.py).
 """
 
 from __future__ import annotations
