@@ -33,6 +33,7 @@ LOG = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_NOT_PRIVATE = 1  # probe: some resolver has no private path the profile accepts
+EXIT_BAD_REQUEST = 1  # stub --refresh: the daemon's request is not usable
 EXIT_USAGE = 2
 EXIT_FAILURE = 3  # anything else that stopped the command
 
@@ -44,6 +45,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"{text!r} must be > 0 and <= 3600 seconds")
+    return value
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 60:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0 and <= 60 minutes")
     return value
 
 
@@ -333,7 +344,7 @@ def _add_daemon(sub: Sub) -> None:
     pa = psub.add_parser("allow", help="allow the portal's DNS for the login")
     pa.add_argument(
         "--minutes",
-        type=float,
+        type=_minutes,
         default=5.0,
         metavar="N",
         help="at most N minutes (default %(default)s)",
@@ -426,13 +437,13 @@ def cmd_stub(args: argparse.Namespace) -> int:
 
     cfg = config.load_or_explain(args.config)
     address = cfg.listen[0][0]
-    state, runtime = Path(cfg.state_dir), Path(cfg.runtime_dir)
+    state, runtime = Path(cfg.stub_state_dir), Path(cfg.runtime_dir)
     if args.dhclient:  # before manage_stub: without a journal, dhclient's own job is done
         print(sysconf.dhclient_lease(state, os.environ, [address], _asked_search(runtime)))
         return EXIT_OK
     backend = sysconf.choose(cfg.stub_backend, nm_bus=cfg.nm_bus or None)
     if args.show:
-        journal = sysconf.Journal(state).load()
+        journal = sysconf.journal_of(state)
         print(f"backend: {backend.name} ({backend.describe()}); tunnel: {address}")
         print(f"journal: {json.dumps(journal) if journal else 'empty (nothing changed)'}")
         return EXIT_OK
@@ -440,7 +451,12 @@ def cmd_stub(args: argparse.Namespace) -> int:
         print("manage_stub = false: the system stub is left alone")
         return EXIT_OK
     if args.refresh:
-        asked = request.read(runtime)  # unusable: RequestError, nothing changed
+        try:
+            asked = request.read(runtime)
+        except request.RequestError as exc:  # the daemon's request is hostile ground
+            print(f"dnstls-agent: the daemon's request is not usable, nothing changed: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_BAD_REQUEST
         search = asked.search if asked is not None else None
         print(sysconf.refresh(state, [address], search, nm_bus=cfg.nm_bus or None))
         return EXIT_OK
@@ -477,7 +493,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             print(f"the system stub is left pointed at the tunnel: {at_stop.reason}")
             return EXIT_OK
         print(f"restoring the system stub: {at_stop.reason}")
-    print(sysconf.restore(Path(cfg.state_dir)))
+    print(sysconf.restore(Path(cfg.stub_state_dir)))
     return EXIT_OK
 
 
@@ -539,8 +555,10 @@ def cmd_notify(args: argparse.Namespace) -> int:
     request = {"command": "notify", "interface": args.interface, "action": args.action}
     try:
         control.ask(_socket(args), request, timeout=1.0)
+    except control.RequestRefused:
+        raise  # not the agent being away: this caller may not, and hears so (status 2)
     except control.ControlError as exc:
-        LOG.info("%s", exc)  # the agent down is not the dispatcher's problem
+        LOG.info("%s", exc)  # the agent down (or busy) is not the dispatcher's problem
     return EXIT_OK
 
 

@@ -115,6 +115,16 @@ OPTIONS: tuple[Option, ...] = (
         '"/var/lib/dnstls-agent"',
     ),
     Option(
+        "stub_state_dir",
+        str,
+        "/var/lib/dnstls-agent-stub",
+        Scope.GLOBAL,
+        "Root's directory for the system stub's journal and lock (made mode 0700; refused "
+        "if anyone but root can write it). Never the daemon's state_dir.",
+        _absolute,
+        '"/var/lib/dnstls-agent-stub"',
+    ),
+    Option(
         "runtime_dir",
         str,
         "/run/dnstls-agent",
@@ -131,6 +141,16 @@ OPTIONS: tuple[Option, ...] = (
         "Addresses the tunnel listens on (UDP and TCP), ADDR[:PORT].",
         _each(_listen),
         '["127.0.0.153:53"]',
+    ),
+    Option(
+        "serve_network",
+        bool,
+        False,
+        Scope.GLOBAL,
+        "Allow listen addresses other than loopback: the tunnel then answers DNS for other "
+        "machines (an open resolver if reachable). Refused without it.",
+        None,
+        "false",
     ),
     Option(
         "manage_stub",
@@ -439,7 +459,9 @@ class Config:
     files: tuple[str, ...] = ()
     state_dir: str = "/var/lib/dnstls-agent"
     runtime_dir: str = "/run/dnstls-agent"
+    stub_state_dir: str = "/var/lib/dnstls-agent-stub"
     listen: tuple[tuple[str, int], ...] = (("127.0.0.153", 53),)
+    serve_network: bool = False
     manage_stub: bool = True
     stub_backend: str = "auto"
     nm_bus: str = ""
@@ -666,12 +688,34 @@ def load(path: Path | None = None, *, dropins: bool = True, missing_ok: bool = T
         raise ConfigError(problems)
     link_values = {k: v for k, v in glob.items() if k in LINK_KEYS}
     global_values = {k: _convert(k, v) for k, v in glob.items() if k not in LINK_KEYS}
-    return Config(
+    cfg = Config(
         files=tuple(map(str, files)),
         defaults=_link_settings(link_values, LinkSettings()),
         interfaces=tuple(rules),
         **global_values,
     )
+    problems.extend(_combinations(cfg, str(files[-1]) if files else str(path)))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _combinations(cfg: Config, where: str) -> list[Problem]:
+    """Options each fine alone that cannot work together."""
+    problems: list[Problem] = []
+    open_to = [h for h, _ in cfg.listen if not ipaddress.ip_address(h).is_loopback]
+    if open_to and not cfg.serve_network:
+        problems.append(Problem(where, None, "listen", (
+            f"{', '.join(open_to)} is not a loopback address: the machine would answer DNS "
+            "for others (an open resolver, if reachable); set serve_network = true if that "
+            "is meant")))  # fmt: skip
+    if cfg.manage_stub and cfg.listen and cfg.listen[0][1] != 53:
+        host, port = cfg.listen[0]
+        problems.append(Problem(where, None, "listen", (
+            f"{host}:{port}: the system's stub resolver (resolv.conf) cannot name a port, so "
+            "with manage_stub = true the first listen address must use port 53 (or set "
+            "manage_stub = false and point clients at it yourself)")))  # fmt: skip
+    return problems
 
 
 def defaults_agree() -> list[str]:

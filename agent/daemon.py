@@ -20,7 +20,7 @@ from typing import Any
 from agent import config as configmod
 from agent import sdnotify, sysconf
 from agent.config import Config
-from agent.control import SOCKET_NAME, ControlServer
+from agent.control import SOCKET_NAME, ControlServer, request_number, request_text
 from agent.engine import Engine
 from agent.errors import AgentError, UsageError
 from agent.model import Failure, Profile, UpstreamSpec
@@ -164,7 +164,7 @@ class Daemon:
             try:
                 said = await asyncio.to_thread(
                     sysconf.refresh,
-                    Path(self.cfg.state_dir),
+                    Path(self.cfg.stub_state_dir),
                     [self.cfg.listen[0][0]],
                     self._search(),
                     nm_bus=self.cfg.nm_bus or None,
@@ -189,7 +189,7 @@ class Daemon:
         sysconf.check_backend(backend, self.cfg.profiles(), nm_bus=self.cfg.nm_bus or None)
         try:
             said = sysconf.apply(
-                Path(self.cfg.state_dir), backend, [self.cfg.listen[0][0]], self._search()
+                Path(self.cfg.stub_state_dir), backend, [self.cfg.listen[0][0]], self._search()
             )
             LOG.info("%s", said)
             self.stub_applied = True
@@ -201,7 +201,7 @@ class Daemon:
         if not self.stub_applied:
             return
         try:
-            LOG.info("%s", sysconf.restore(Path(self.cfg.state_dir)))
+            LOG.info("%s", sysconf.restore(Path(self.cfg.stub_state_dir)))
         except (OSError, AgentError) as exc:
             LOG.error("could not restore the system stub: %s (run dnstls-agent restore)", exc)
 
@@ -259,19 +259,19 @@ class Daemon:
             await asyncio.sleep(min(interval or 5.0, 5.0))
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One control request, its caller already allowed (ControlServer); a bad field is a
+        UsageError, which the server answers as a bad request."""
         engine = self.engine
         assert engine is not None
         command = request.get("command")
         if command == "status":
             return {"ok": True, "status": {**engine.status(), "stub": self.stub}}
         if command == "notify":
-            iface, action = str(request.get("interface", "")), str(request.get("action", ""))
+            iface, action = request_text(request, "interface"), request_text(request, "action")
             engine.poke(f"dispatcher: {iface} {action}")
             return {"ok": True}
         if command == "portal-allow":
-            minutes = float(request.get("minutes", 5))
-            if not 0 < minutes <= 60:
-                raise UsageError("minutes must be between 0 and 60")
+            minutes = request_number(request, "minutes", 5.0, high=60)
             return {"ok": True, "until": engine.allow_portal(minutes)}
         if command == "reprobe":
             engine.reprobe()

@@ -368,6 +368,8 @@ class Engine:
         self.state.remember(k)
         self._save_due = True
         auth = f", {result.auth}" if result.auth else ""
+        if result.auth_source is not None:
+            auth += f" ({result.auth_source})"
         LOG.info("%s on %s: %s%s (%s)", req.address, req.ifname, result.method, auth,
                  "; ".join(f"{p}: {w}" for p, w in result.failures.items()) or "ok")  # fmt: skip
         self.poke(f"probe of {req.address} done")
@@ -401,6 +403,7 @@ class Engine:
                     "address": r.address,
                     "method": k.method.value if k else None,
                     "auth": k.auth.value if k and k.auth else None,
+                    "auth_source": k.auth_source.value if k and k.auth_source else None,
                     "latency_ms": k.latency_ms if k else None,
                     "probed_at": k.probed_at if k else None,
                     "used": bool(choice and choice.upstream),

@@ -65,7 +65,16 @@ class Auth(StrEnum):
     NONE = "none"  # not authenticated (opportunistic accepts it)
     PIN = "pin"  # SPKI SHA-256 pin set (RFC 7858 4.2)
     IP_SAN = "ip-san"  # chain valid and the resolver's IP address is in subjectAltName
-    NAME = "name"  # chain valid and the configured name matches
+    NAME = "name"  # chain valid and the name asked for (AuthSpec.auth_name) matches
+
+
+class AuthSource(StrEnum):
+    """Where the identity that authenticated a resolver came from (kept apart from Auth,
+    whose values the state file holds)."""
+
+    CONFIGURED = "configured"  # pins, the configuration's auth_name, a command line, a static
+    #                            resolver's address or #NAME
+    NETWORK = "network"  # what the network handed out: the resolver's address, NM's ADDR#name
 
 
 class Failure(StrEnum):
@@ -90,17 +99,30 @@ class Failure(StrEnum):
 class AuthSpec:
     """What authenticates a resolver, and how much authentication is demanded.
 
-    Under `strict`, a configured pin set is the authentication (no chain needed,
-    RFC 7858 4.2); without pins the chain must validate against the CA bundle
-    (`ca_file`, else the system's) and the certificate must name the resolver's
-    IP address or `auth_name`. Under `opportunistic` any certificate is accepted
-    and its pin recorded; a matching pin is still reported.
+    Under `strict`, configuration comes first: a configured pin set is the
+    authentication (no chain needed, RFC 7858 4.2); else the chain must validate
+    against the CA bundle (`ca_file`, else the system's) and the certificate must
+    carry a configured `auth_name`; only when neither is configured does the
+    resolver's IP address in the certificate (or a name the network handed out)
+    authenticate. The network decides which address is asked: were its address
+    enough despite a configured name, a rogue DHCP server holding a certificate for
+    an address of its own would be trusted. Under `opportunistic` any certificate
+    is accepted and its pin recorded; a matching pin is still reported.
+
+    `name_source` says where `auth_name` came from, `address_source` where the
+    address did; both default to configured (a command line), the safe side.
     """
 
     profile: Profile = Profile.OPPORTUNISTIC
     pins: frozenset[str] = frozenset()
     auth_name: str | None = None
     ca_file: str | None = None
+    name_source: AuthSource = AuthSource.CONFIGURED
+    address_source: AuthSource = AuthSource.CONFIGURED
+
+    @property
+    def name_configured(self) -> bool:
+        return bool(self.auth_name) and self.name_source is AuthSource.CONFIGURED
 
 
 @dataclass(frozen=True)
@@ -118,10 +140,20 @@ class UpstreamSpec:
     # grant; never a cleartext one. Not part of the text form, nor of equality: the same
     # resolver reached the same way first is the same upstream.
     alt: tuple[Method, int] | None = field(default=None, compare=False)
+    # Where `auth_name` came from: a name the network handed out authenticates only beside
+    # the address (see AuthSpec). Not part of the text form; `parse` reads a configured one.
+    name_source: AuthSource = AuthSource.CONFIGURED
 
     @property
     def private(self) -> bool:
         return self.method.private
+
+    def auth_spec(self, profile: Profile, ca_file: str | None = None) -> AuthSpec:
+        """How the tunnel authenticates this upstream (`ca_file`: the tunnel's, when the
+        upstream has none of its own)."""
+        return AuthSpec(
+            profile, self.pins, self.auth_name, self.ca_file or ca_file, self.name_source
+        )
 
     SCHEMES: ClassVar[dict[str, tuple[Method, int]]] = {
         "tls": (Method.TLS_PORT, 853),
@@ -192,6 +224,7 @@ class TLSInfo:
     pin: str  # base64 SHA-256 of the server's SubjectPublicKeyInfo
     auth: Auth
     alpn: str | None = None
+    auth_source: AuthSource | None = None  # None: not authenticated
 
 
 @dataclass(frozen=True)
@@ -235,6 +268,7 @@ class ProbeResult:
     resumption: bool | None  # None: not tested (no TLS, or no time left)
     udp_to_hint: bool | None  # None: no UDP answer
     paths: tuple[PathOutcome, ...] = field(default=())
+    auth_source: AuthSource | None = None  # where what authenticated it came from
 
     @property
     def failures(self) -> dict[str, str]:
@@ -352,6 +386,7 @@ class Knowledge:
     pin_stable: int = 0  # probes in a row that showed the current key
     suspect_at: float = 0.0  # the running tunnel's connection to it failed then
     suspect: str = ""  # ... and why
+    auth_source: AuthSource | None = None  # where what authenticated it came from, last probe
 
     @property
     def key(self) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from enum import StrEnum
 from agent.config import Config, ConfigProfile, LinkSettings
 from agent.model import (
     Auth,
+    AuthSource,
     AuthSpec,
     Failure,
     Knowledge,
@@ -157,6 +158,7 @@ def learn(
         pin_stable=stable,
         suspect_at=0.0,
         suspect="",
+        auth_source=result.auth_source,
     )
 
 
@@ -250,15 +252,35 @@ def _resolvers(link: Link, s: LinkSettings, own: Collection[str]) -> list[NetRes
     return out
 
 
+def auth_name(s: LinkSettings, r: NetResolver) -> tuple[str | None, AuthSource]:
+    """The name to authenticate the resolver by, and where it came from: configuration
+    first (a static resolver's own #NAME, then the link's auth_name). A name the network
+    handed out (NetworkManager's ADDR#name) is used only when none is configured, and
+    then authenticates no more than the address the network handed out does."""
+    for u in s.static_resolvers:
+        if u.address == r.address and u.auth_name:
+            return u.auth_name, AuthSource.CONFIGURED
+    if s.auth_name:
+        return s.auth_name, AuthSource.CONFIGURED
+    if r.auth_name and r.source is not Source.STATIC:
+        return r.auth_name, AuthSource.NETWORK
+    return None, AuthSource.CONFIGURED
+
+
 def auth_spec(profile: Profile, s: LinkSettings, r: NetResolver) -> AuthSpec:
-    return AuthSpec(profile, s.pins, r.auth_name or s.auth_name, s.ca_file)
+    name, source = auth_name(s, r)
+    statics = {u.address for u in s.static_resolvers}
+    configured = r.source is Source.STATIC or r.address in statics
+    where = AuthSource.CONFIGURED if configured else AuthSource.NETWORK
+    return AuthSpec(profile, s.pins, name, s.ca_file, source, where)
 
 
 def probe_settings(
     profile: Profile, s: LinkSettings, r: NetResolver, k: Knowledge | None
 ) -> ProbeSettings:
-    if s.order == "auto" and k is not None and k.suspect_at and k.method is Method.TLS_PORT:
-        order = Order.UPGRADE_FIRST  # port 853 just failed at run time: the other path first
+    if s.order == "auto" and k is not None and k.suspect_at and k.method.private:
+        # the path in use just failed at run time: the other one first
+        order = Order.UPGRADE_FIRST if k.method is Method.TLS_PORT else Order.PORT_FIRST
     elif s.order == "auto":
         order = k.path_first if k and k.path_first else Order.PORT_FIRST
     else:
@@ -284,8 +306,9 @@ def _upstream(r: NetResolver, s: LinkSettings, method: Method) -> UpstreamSpec:
         alt = (Method.TLS_UPGRADE, 53)
     elif method is Method.TLS_UPGRADE:
         alt = (Method.TLS_PORT, r.port or 853)
+    name, source = auth_name(s, r)
     return UpstreamSpec(
-        r.address, method, port, r.auth_name or s.auth_name, s.pins, s.ca_file, alt=alt
+        r.address, method, port, name, s.pins, s.ca_file, alt=alt, name_source=source
     )
 
 

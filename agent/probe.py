@@ -426,6 +426,7 @@ async def probe(address: str, settings: ProbeSettings | None = None) -> ProbeRes
         resumption=resumption,
         udp_to_hint=udp.to_in_response,
         paths=tuple(sorted(outcomes, key=lambda o: o.started_ms)),
+        auth_source=best.tls.auth_source if best.tls and best.method.private else None,
     )
 
 

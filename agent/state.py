@@ -1,9 +1,11 @@
 """What the agent remembers across restarts: knowledge per (network, resolver), preferred orders.
 
-One JSON file under the state directory, versioned, written atomically (temp file in
-the same directory, fsync, rename, fsync of the directory). A file that cannot be
-read or understood is logged, kept aside (renamed *.corrupt-TIMESTAMP) and replaced:
-never fatal.
+One JSON file under the state directory, versioned, written atomically (fsutil: temp
+file in the same directory, fsync, rename, fsync of the directory), readable by the
+daemon's user only (0600: what networks the machine joined is nobody else's business).
+A file that cannot be read or understood is logged, kept aside (renamed
+*.corrupt-TIMESTAMP) and replaced: never fatal. Temporary files of a save that was
+killed half-way are removed at the next load.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from agent.model import Auth, Knowledge, Method, Order
+from agent.fsutil import write_atomic
+from agent.model import Auth, AuthSource, Knowledge, Method, Order
 
 LOG = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ def _encode(k: Knowledge) -> dict[str, Any]:
     d = asdict(k)
     d["method"] = k.method.value
     d["auth"] = k.auth.value if k.auth else None
+    d["auth_source"] = k.auth_source.value if k.auth_source else None
     d["path_first"] = k.path_first.value if k.path_first else None
     d["plain"] = k.plain.value if k.plain else None
     d["pins_seen"] = list(k.pins_seen)
@@ -57,6 +61,8 @@ def _decode(d: Mapping[str, Any]) -> Knowledge:
     values = {k: v for k, v in d.items() if k in _KNOWN}  # newer fields are ignored
     values["method"] = Method(values.get("method", Method.UNREACHABLE.value))
     values["auth"] = Auth(values["auth"]) if values.get("auth") else None
+    source = values.get("auth_source")  # absent from files written before it was kept
+    values["auth_source"] = AuthSource(source) if source else None
     values["path_first"] = Order(values["path_first"]) if values.get("path_first") else None
     values["plain"] = Method(values["plain"]) if values.get("plain") else None
     values["pins_seen"] = tuple(values.get("pins_seen", ()))
@@ -75,6 +81,7 @@ class Store:
         self.path = directory / FILENAME
 
     def load(self) -> State:
+        self._sweep()
         try:
             raw = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -109,32 +116,23 @@ class Store:
             "knowledge": [_encode(k) for k in entries],
             "orders": state.orders,
         }
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-        tmp = self.path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            _fsync_dir(self.directory)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        text = json.dumps(data, indent=1, sort_keys=True)
+        write_atomic(self.path, text.encode("utf-8"), mode=0o600)
+
+    def _sweep(self) -> None:
+        """Temporary files of saves killed half-way (SIGKILL, power loss) never pile up."""
+        with contextlib.suppress(OSError):
+            for tmp in self.directory.glob(f".{FILENAME}.*"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    LOG.info("removed %s, left by an interrupted save", tmp)
 
     def _set_aside(self) -> None:
         aside = self.path.with_name(f"{FILENAME}.corrupt-{int(time.time())}")
         with contextlib.suppress(OSError):
             os.replace(self.path, aside)
             LOG.warning("the unreadable state is at %s", aside)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def merge(state: State, learnt: Iterable[Knowledge]) -> None:

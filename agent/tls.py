@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.errors import CertificateRejected
-from agent.model import Auth, AuthSpec, IPAddress, Profile, TLSInfo
+from agent.model import Auth, AuthSource, AuthSpec, IPAddress, Profile, TLSInfo
 
 LOG = logging.getLogger(__name__)
 
@@ -80,7 +80,14 @@ def check_peer(tls: TLSEngine, address: str, spec: AuthSpec) -> TLSInfo:
         pin = spki_pin(cert)
     except (ssl.SSLError, ValueError) as exc:
         raise CertificateRejected(f"unusable server certificate: {exc}") from exc
-    info = TLSInfo(version=tls.version, cipher=tls.cipher, pin=pin, auth=auth, alpn=tls.alpn)
+    info = TLSInfo(
+        version=tls.version,
+        cipher=tls.cipher,
+        pin=pin,
+        auth=auth,
+        alpn=tls.alpn,
+        auth_source=auth_source(auth, spec),
+    )
     if not accepted(auth, spec):
         raise CertificateRejected(why, info)
     return info
@@ -152,7 +159,10 @@ def authenticate(
     """Decide how (and whether) the certificate authenticated the resolver at `address`.
 
     Returns the Auth and a reason text (empty when authenticated). `chain_valid`
-    says OpenSSL validated the chain during the handshake.
+    says OpenSSL validated the chain during the handshake. Configuration first: the
+    pins decide when there are any; else a configured name must be in the
+    certificate, and the address in it does not stand in for the name (the network
+    chose the address); only then the address, or a name the network handed out.
     """
     pin = spki_pin(cert_der)
     if spec.pins:
@@ -163,10 +173,26 @@ def authenticate(
         return Auth.NONE, "certificate chain was not validated"
     if spec.auth_name and any(name_matches(n, spec.auth_name) for n in cert_dns_names(cert_der)):
         return Auth.NAME, ""
+    if spec.name_configured:
+        return Auth.NONE, (
+            f"certificate does not name {spec.auth_name}, the configured name "
+            "(its IP address does not authenticate when a name is configured)"
+        )
     if ip_in_cert(cert_der, address):
         return Auth.IP_SAN, ""
     wanted = f"{address} or {spec.auth_name}" if spec.auth_name else address
     return Auth.NONE, f"certificate does not name {wanted}"
+
+
+def auth_source(auth: Auth, spec: AuthSpec) -> AuthSource | None:
+    """Where the identity that authenticated came from: pins are always configured."""
+    if auth is Auth.PIN:
+        return AuthSource.CONFIGURED
+    if auth is Auth.NAME:
+        return spec.name_source
+    if auth is Auth.IP_SAN:
+        return spec.address_source
+    return None
 
 
 def accepted(auth: Auth, spec: AuthSpec) -> bool:

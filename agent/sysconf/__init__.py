@@ -2,10 +2,11 @@
 
 One small interface, one backend per world (resolv.conf written directly,
 resolvconf, systemd-resolved, NetworkManager), chosen by detection or by config.
-Every change is recorded first in a journal (journal.py) in the state directory, so
-that `restore` - at stop, from the unit's ExecStopPost, or after a crash - undoes it
-and nothing is lost. The agent never reads its own address back as an upstream
-(the engine excludes the tunnel's addresses).
+Every change is recorded first in a journal (journal.py) in root's own directory
+(`stub_state_dir`, 0700, never the daemon's), so that `restore` - at stop, from the
+unit's ExecStopPost, or after a crash - undoes it and nothing is lost. The agent
+never reads its own address back as an upstream (the engine excludes the tunnel's
+addresses).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.fsutil import O_FLAGS, PrivateDir, UnsafePath
 from agent.sysconf import dhclient
 from agent.sysconf.journal import Journal, JournalError
 from agent.sysconf.privacy import Fit, StubRefused, plain_file
@@ -110,26 +112,35 @@ def check_backend(
 
 
 @contextlib.contextmanager
-def _locked(state_dir: Path) -> Iterator[None]:
-    """One change of the stub at a time (ExecStartPost=, a refresh, ExecStopPost=)."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    fd = os.open(state_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def open_journal(stub_dir: Path) -> Iterator[Journal]:
+    """One change of the stub at a time (ExecStartPost=, a refresh, ExecStopPost=), with the
+    journal, both in root's own directory (checked: `fsutil.PrivateDir`)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        with PrivateDir(stub_dir) as directory:
+            fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | O_FLAGS, 0o600, dir_fd=directory.fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield Journal(directory)
+            finally:
+                os.close(fd)
+    except UnsafePath as exc:
+        raise JournalError(str(exc)) from exc
+
+
+def journal_of(stub_dir: Path) -> dict[str, Any] | None:
+    """What the journal says now (for `stub --show`)."""
+    with open_journal(stub_dir) as journal:
+        return journal.load()
 
 
 def apply(
-    state_dir: Path,
+    stub_dir: Path,
     backend: Backend,
     nameservers: Sequence[str],
     search: Sequence[str] | None = None,
 ) -> str:
     """Point the system stub at the tunnel; journalled first, idempotent."""
-    with _locked(state_dir):
-        journal = Journal(state_dir)
+    with open_journal(stub_dir) as journal:
         existing = journal.load()
         if existing is not None and existing["backend"] != backend.name:
             _restore(journal, Path("/"))  # another backend's change first
@@ -142,7 +153,7 @@ def apply(
 
 
 def refresh(
-    state_dir: Path,
+    stub_dir: Path,
     nameservers: Sequence[str],
     search: Sequence[str] | None,
     root: Path = Path("/"),
@@ -151,8 +162,7 @@ def refresh(
     """Apply again what the journal says is applied, with the network's search domains of
     now; nothing when the stub is not pointed (stopped, restored: never a stub pointing at a
     tunnel that is not there)."""
-    with _locked(state_dir):
-        journal = Journal(state_dir)
+    with open_journal(stub_dir) as journal:
         data = journal.load()
         if data is None:
             return "the system stub is not pointed at the tunnel: nothing to refresh"
@@ -166,7 +176,7 @@ def refresh(
 
 
 def dhclient_lease(
-    state_dir: Path,
+    stub_dir: Path,
     env: Mapping[str, str],
     nameservers: Sequence[str],
     search: Sequence[str] | None,
@@ -180,8 +190,7 @@ def dhclient_lease(
     written. Pointed by another backend: the file is left to it. Not pointed (the agent
     restored the stub in the meantime): the file is written as dhclient-script would."""
     resolv = ResolvConfFile(root)
-    with _locked(state_dir):
-        journal = Journal(state_dir)
+    with open_journal(stub_dir) as journal:
         data = journal.load()
         if data is None:
             try:
@@ -215,10 +224,10 @@ def dhclient_lease(
     )
 
 
-def restore(state_dir: Path, root: Path = Path("/")) -> str:
+def restore(stub_dir: Path, root: Path = Path("/")) -> str:
     """Undo what the journal records; a human sentence saying what was done."""
-    with _locked(state_dir):
-        return _restore(Journal(state_dir), root)
+    with open_journal(stub_dir) as journal:
+        return _restore(journal, root)
 
 
 def _restore(journal: Journal, root: Path) -> str:
@@ -247,6 +256,8 @@ __all__ = [
     "check_backend",
     "choose",
     "dhclient_lease",
+    "journal_of",
+    "open_journal",
     "other_writer",
     "refresh",
     "restore",

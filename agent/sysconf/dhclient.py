@@ -12,15 +12,20 @@ variables) and makes that the file `restore` puts back.
 `render` follows make_resolv_conf of isc-dhcp-client 4.4.3 (Debian 12) line by line,
 including its quirks: a domain name is put in front of the search list when it is not
 in it; without nameservers in the lease, the old file's are kept; DHCPv6 link-local
-servers get `%interface`. One difference: a value with a control character is ignored
-(dhclient checks names itself; this does not count on it).
+servers get `%interface`. Differences: a value with a control character is ignored, and
+so is a search word that is not a domain name or a server that is not an IP address, and
+search words past the 32nd (dhclient checks names itself; this, run as root, does not
+count on it).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+from agent.sysconf.request import MAX_DOMAINS, domain
 
 LOG = logging.getLogger(__name__)
 
@@ -42,13 +47,36 @@ def _value(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _words(name: str, value: str, ok: Callable[[str], object], limit: int) -> str:
+    """The words of a lease value that `ok` accepts (no ValueError), at most `limit`."""
+    kept: list[str] = []
+    for word in value.split():
+        try:
+            ok(word)
+        except ValueError:
+            LOG.warning("dhclient's %s: %r left out (not a valid name or address)", name, word[:80])
+            continue
+        kept.append(word)
+    if len(kept) > limit:
+        LOG.warning("dhclient's %s: %d words, the first %d kept", name, len(kept), limit)
+    return " ".join(kept[:limit])
+
+
+def _search(env: Mapping[str, str], name: str) -> str:
+    return _words(name, _value(env, name), domain, MAX_DOMAINS)
+
+
+def _servers(env: Mapping[str, str], name: str) -> str:
+    return _words(name, _value(env, name), lambda w: ipaddress.ip_address(w.split("%")[0]), 16)
+
+
 def render(env: Mapping[str, str], old: str = "") -> str | None:
     """resolv.conf as dhclient-script's make_resolv_conf writes it for the lease in `env`;
     `old`: the file it would have read (for the nameservers a lease without any keeps).
     None: the lease says nothing about DNS (the script leaves the file alone)."""
-    domain_name = _value(env, "new_domain_name")
-    search = _value(env, "new_domain_search")
-    servers = _value(env, "new_domain_name_servers")
+    domain_name = _search(env, "new_domain_name")
+    search = _search(env, "new_domain_search")
+    servers = _servers(env, "new_domain_name_servers")
     lines: list[str] = []
     if search or domain_name or servers:
         if domain_name:
@@ -66,8 +94,8 @@ def render(env: Mapping[str, str], old: str = "") -> str | None:
         else:
             lines += _old_nameservers(old)
         return "".join(f"{line}\n" for line in lines)
-    search6 = _value(env, "new_dhcp6_domain_search")
-    servers6 = _value(env, "new_dhcp6_name_servers")
+    search6 = _search(env, "new_dhcp6_domain_search")
+    servers6 = _servers(env, "new_dhcp6_name_servers")
     if not (search6 or servers6):
         return None
     if search6:

@@ -71,7 +71,7 @@ from dbus_next.signature import Variant
 
 from agent import dbus
 from agent.errors import AgentError
-from agent.sysconf.journal import write_atomic
+from agent.fsutil import write_atomic
 from agent.sysconf.resolvconf_file import ResolvConfFile
 
 LOG = logging.getLogger(__name__)

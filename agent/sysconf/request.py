@@ -11,7 +11,9 @@ The trust boundary: the file says only *which search domains* the network gave, 
 root checks every one (LDH labels, lengths, a bounded count) before using it. The
 nameservers are never taken from it: they are the tunnel's listen addresses from the
 configuration root reads itself. A daemon taken over could at worst set odd search
-domains; it cannot point the system anywhere.
+domains; it cannot point the system anywhere. Root reads the file as hostile: without
+following a link, only a regular file (never blocking on a FIFO), bounded in size and
+nesting, every field matched whole (a newline is never part of a name).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import AgentError
-from agent.sysconf.journal import write_atomic
+from agent.fsutil import UnsafePath, read_bounded, write_atomic
 
 NAME = "stub-request.json"
 VERSION = 1
 MAX_DOMAINS = 32  # more than any network gives; glibc used to stop at 6
 MAX_BYTES = 16384
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+MAX_DEPTH = 4  # {"search": [...]} is 2 deep
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")  # matched whole (fullmatch)
 
 
 class RequestError(AgentError):
@@ -48,7 +51,7 @@ def domain(text: str) -> str:
     if not name or len(name) > 253:
         raise ValueError(f"{text!r} is not a domain name (empty or over 253 characters)")
     for label in name.split("."):
-        if not _LABEL.match(label):
+        if not _LABEL.fullmatch(label):
             raise ValueError(f"{text!r} is not a domain name (label {label!r})")
     return name
 
@@ -67,17 +70,18 @@ def read(runtime_dir: Path) -> Request | None:
     """The request, checked; None when there is none; RequestError when it is unusable."""
     where = path(runtime_dir)
     try:
-        with where.open("rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        return None
+        raw = read_bounded(where, MAX_BYTES)
+    except UnsafePath as exc:
+        raise RequestError(str(exc)) from exc
     except OSError as exc:
         raise RequestError(f"{where}: {exc.strerror}") from exc
-    if len(raw) > MAX_BYTES:
-        raise RequestError(f"{where}: over {MAX_BYTES} bytes")
+    if raw is None:
+        return None
+    if depth(raw) > MAX_DEPTH:
+        raise RequestError(f"{where}: nested deeper than {MAX_DEPTH}")
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise RequestError(f"{where}: not JSON ({exc})") from exc
     if not isinstance(data, dict) or data.get("version") != VERSION:
         raise RequestError(f"{where}: not a stub request this version understands")
@@ -92,3 +96,26 @@ def read(runtime_dir: Path) -> Request | None:
         raise RequestError(f"{where}: {exc}") from exc
     reason = data.get("reason")
     return Request(checked, reason[:200] if isinstance(reason, str) else "")
+
+
+def depth(raw: bytes) -> int:
+    """How deep JSON text nests (brackets outside strings), before parsing it: json.loads
+    recurses, and a megabyte of `[` must be an error, not a RecursionError."""
+    deepest = level = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            level += 1
+            deepest = max(deepest, level)
+        elif byte in (0x5D, 0x7D):
+            level -= 1
+    return deepest

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.sysconf.journal import symlink_atomic, write_atomic
+from agent.fsutil import symlink_atomic, write_atomic
 
 LOG = logging.getLogger(__name__)
 

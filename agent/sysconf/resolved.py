@@ -107,7 +107,7 @@ from dbus_next.signature import Variant
 
 from agent import dbus
 from agent.errors import AgentError
-from agent.sysconf.journal import write_atomic
+from agent.fsutil import write_atomic
 from agent.sysconf.networkmanager import (
     RELOAD_CONF,
     RELOAD_DNS_FULL,

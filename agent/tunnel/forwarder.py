@@ -143,9 +143,7 @@ class Tunnel:
 
     # -- the order ---------------------------------------------------------------------
     def _auth(self, spec: UpstreamSpec) -> AuthSpec:
-        return AuthSpec(
-            self.cfg.profile, spec.pins, spec.auth_name, spec.ca_file or self.cfg.ca_file
-        )
+        return spec.auth_spec(self.cfg.profile, self.cfg.ca_file)
 
     def _set(self, specs: Sequence[UpstreamSpec]) -> None:
         """The order as handed: private entries in their order, then cleartext ones (if the

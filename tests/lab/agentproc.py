@@ -26,7 +26,10 @@ class AgentProcess:
         self.config = directory / "agent.toml"
         self.config.write_text(
             f'state_dir = "{directory}/state"\nruntime_dir = "{directory}/run"\n'
-            f"manage_stub = {'true' if manage_stub else 'false'}\n" + config
+            # root's journal: beside the state, unless the test puts it elsewhere
+            + ("" if "stub_state_dir" in config else f'stub_state_dir = "{directory}/state"\n')
+            + f"manage_stub = {'true' if manage_stub else 'false'}\n"
+            + config
         )
         argv = [sys.executable, "-m", "agent", "-v", "-c", str(self.config), "run"]
         self.proc: Process = ns.start(argv, directory / "agent.log")

@@ -37,7 +37,7 @@ resolv.conf) for a fresh name every few milliseconds and logs each outcome.
 The agent runs as root in the machine (`agent()`: AgentProcess with manage_stub, allowed
 only because the machine's /etc is its own), stub_backend resolv.conf, lease_dirs the
 machine's /var/lib/dhcp; dhclient gets DNSTLS_AGENT (`python -m agent -c ITS_CONFIG`) and
-DNSTLS_AGENT_STATE_DIR for the hook through `-e` (dhclient hands its script an environment
+DNSTLS_AGENT_STUB_DIR for the hook through `-e` (dhclient hands its script an environment
 of its own making, not its own).
 
 Teardown, also when `__enter__` fails half-way: what was started in the machine (by PID),
@@ -310,7 +310,7 @@ class DhcpLab(ClosedOnExit):
     def dhclient_env(self) -> dict[str, str]:
         """What dhclient passes on to dhclient-script (and so to the hook) with `-e`."""
         agent = f"{sys.executable} -m agent -c {self.agent_dir / 'agent.toml'}"
-        return {"DNSTLS_AGENT": agent, "DNSTLS_AGENT_STATE_DIR": str(self.agent_dir / "state")}
+        return {"DNSTLS_AGENT": agent, "DNSTLS_AGENT_STUB_DIR": str(self.agent_dir / "state")}
 
     # -- start-up ------------------------------------------------------------------------------
     def __enter__(self) -> DhcpLab:

@@ -136,6 +136,7 @@ class ResolvconfLab:
             (upper / "resolv.conf").write_text("")
         self.config.write_text(
             f'state_dir = "{self.state_dir}"\n'
+            f'stub_state_dir = "{self.state_dir}"\n'
             f'runtime_dir = "{self.dir / "runtime"}"\n'
             'stub_backend = "auto"\n'
         )

@@ -207,6 +207,7 @@ class ResolvedLab:
             raise
         self.config.write_text(
             f'state_dir = "{self.state_dir}"\n'
+            f'stub_state_dir = "{self.state_dir}"\n'
             f'runtime_dir = "{self.dir / "runtime"}"\n'
             'stub_backend = "auto"\n'
         )

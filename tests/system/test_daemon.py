@@ -59,6 +59,7 @@ class World:
 def config_text(d: Path, ca: Path, profile: str = "strict") -> str:
     return f"""
 state_dir = "{d}/state"
+stub_state_dir = "{d}/state"
 runtime_dir = "{d}/run"
 listen = ["{STUB}:53"]
 lease_dirs = ["{d}/leases"]

@@ -66,6 +66,7 @@ def write_config(tmp_path: Path, lab: NMLab) -> Path:
             f"""\
             nm_bus = "{lab.bus_address}"
             state_dir = "{tmp_path / "state"}"
+            stub_state_dir = "{tmp_path / "state"}"
             runtime_dir = "{tmp_path / "run"}"
             stub_backend = "auto"
             """

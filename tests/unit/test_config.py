@@ -143,3 +143,31 @@ def test_ca_file_must_be_readable(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("x")
     ok = write(tmp_path, f'ca_file = "{tmp_path}/ca.pem"\n')
     assert config.load(ok).defaults.ca_file == f"{tmp_path}/ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('listen = ["0.0.0.0:53"]', "not a loopback address"),
+        ('listen = ["[::]:53"]', "not a loopback address"),
+        ('listen = ["198.51.100.1:53"]\nmanage_stub = false', "serve_network = true"),
+        ('listen = ["127.0.0.153:5353"]', "cannot name a port"),
+    ],
+)
+def test_combinations_that_cannot_work_are_refused(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, text))
+    (p,) = err.value.problems
+    assert p.key == "listen" and problem in p.message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'listen = ["0.0.0.0:53"]\nserve_network = true',  # meant: said so
+        'listen = ["127.0.0.153:5353"]\nmanage_stub = false',  # clients pointed by hand
+        'listen = ["[::1]:53", "127.0.0.153:5353"]',  # the stub names the first
+    ],
+)
+def test_combinations_that_work(tmp_path: Path, text: str) -> None:
+    config.load(write(tmp_path, text))

@@ -15,7 +15,6 @@ import pytest
 
 from agent import sysconf
 from agent.sysconf import dhclient
-from agent.sysconf.journal import Journal
 from agent.sysconf.resolvconf_file import ResolvConfFile
 from tests.conftest import require_program
 from tests.lab.netns import REPO
@@ -121,7 +120,7 @@ def test_lease_becomes_the_original_and_the_stub_stays(root: Path, tmp_path: Pat
     ]
     assert "search lab.example corp.example vpn.example" in now  # the lease's domains
     assert "198.51.100.1" not in now
-    entry = Journal(state).load()["entries"][0]  # type: ignore[index]
+    entry = sysconf.journal_of(state)["entries"][0]  # type: ignore[index]
     assert entry["content"] == dhclient.render(env)
     assert sysconf.restore(state, root).endswith("put back as it was")
     assert path.read_text() == dhclient.render(env)
@@ -181,7 +180,8 @@ def test_another_backend_keeps_the_file(root: Path, tmp_path: Path) -> None:
     state = tmp_path / "state"
     path = root / "etc" / "resolv.conf"
     path.write_text("nameserver 127.0.0.153\n")
-    Journal(state).save("networkmanager", [{"dropins": []}])
+    with sysconf.open_journal(state) as journal:
+        journal.save("networkmanager", [{"dropins": []}])
     said = sysconf.dhclient_lease(state, LEASES["servers only"], TUNNEL, None, root)
     assert "left to it" in said
     assert path.read_text() == "nameserver 127.0.0.153\n"
@@ -214,7 +214,7 @@ def source_hook(
         "reason": "RENEW",
         "interface": "eth0",
         "new_domain_name_servers": "198.51.100.1",
-        "DNSTLS_AGENT_STATE_DIR": str(state),
+        "DNSTLS_AGENT_STUB_DIR": str(state),
         "DNSTLS_AGENT": command,
         **extra,
     }
@@ -256,13 +256,37 @@ def test_hook_runs_the_real_command(tmp_path: Path) -> None:
     it. The command's resolv.conf is the host's (no root prefix there), so the journal here
     names a backend that leaves the file alone: what it said reaches syslog (the stand-in)."""
     scratch = tmp_path / "scratch"
-    Journal(scratch).save("networkmanager", [{"dropins": []}])
+    with sysconf.open_journal(scratch) as journal:
+        journal.save("networkmanager", [{"dropins": []}])
     config = tmp_path / "agent.toml"
-    config.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
+    config.write_text(
+        f'stub_state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n'
+    )
     command = f"{sys.executable} -m agent -c {config}"
-    journal = (scratch / "stub.json").read_text()
-    proc = source_hook(tmp_path, command, journal, PYTHONPATH=str(REPO))
+    text = (scratch / "stub.json").read_text()
+    proc = source_hook(tmp_path, command, text, PYTHONPATH=str(REPO))
     assert proc.stdout.splitlines() == ["hook status 0", "make_resolv_conf status 0"], proc
     said = (tmp_path / "logger").read_text()
     assert "daemon.info" in said and "left to it" in said, said
-    assert (tmp_path / "state" / "stub.json").read_text() == journal
+    assert (tmp_path / "state" / "stub.json").read_text() == text
+
+
+def test_hostile_lease_values_are_checked_word_by_word() -> None:
+    """Root renders this from what a DHCP server sent: a 110 KB search list is cut to 32
+    names, a word that is not a domain name and a server that is not an address are left
+    out, so nothing of the network's choosing but names and addresses reaches the file."""
+    env = {
+        "new_domain_search": " ".join(f"d{i}.example" for i in range(11000)),
+        "new_domain_name": "lab.example",
+        "new_domain_name_servers": "198.51.100.1 options;ndots:15 2001:db8::53",
+    }
+    text = dhclient.render(env)
+    assert text is not None
+    search = next(line for line in text.splitlines() if line.startswith("search "))
+    assert len(search.split()) == 2 + 32 and len(text) < 2000  # "search", the domain, 32
+    assert [line for line in text.splitlines() if line.startswith("nameserver")] == [
+        "nameserver 198.51.100.1",
+        "nameserver 2001:db8::53",
+    ]
+    bad = dhclient.render({"new_domain_search": 'a.example "quoted" b_c.example x..y'})
+    assert bad == "search a.example b_c.example\n"

@@ -11,6 +11,7 @@ from agent import policy
 from agent.config import Config, ConfigProfile, LinkSettings
 from agent.model import (
     Auth,
+    AuthSource,
     Failure,
     Knowledge,
     Link,
@@ -249,6 +250,9 @@ def test_tunnel_failure_reprobes_upgrade_first_at_most_so_often() -> None:
     (req,) = policy.decide([ln], conf(), kmap(suspect), later).probes
     assert "tunnel's connection failed" in req.reason and "silent" in req.reason
     assert req.settings.order is Order.UPGRADE_FIRST  # port 853 just failed: the other first
+    upgrade = dataclasses.replace(suspect, method=Method.TLS_UPGRADE)
+    (req,) = policy.decide([ln], conf(), kmap(upgrade), later).probes
+    assert req.settings.order is Order.PORT_FIRST  # and the other way round
     # the order meanwhile is unchanged: the tunnel's own backoff handles the moment
     assert plan.upstreams == (UpstreamSpec(A), UpstreamSpec(A, Method.UDP_PLAIN, 53))
     relearnt = policy.learn(suspect, _result(Method.TLS_UPGRADE, pin=PIN1), network=ln.network_id,
@@ -303,6 +307,45 @@ def test_ignored_own_and_static_resolvers() -> None:
     assert [p.address for p in plan.probes] == [A, C]
     assert plan.probes[1].settings.auth.auth_name == "dns.example"
     assert [u.address for u in plan.upstreams] == [A, C]
+
+
+def test_a_network_name_never_replaces_a_configured_one() -> None:
+    """NetworkManager's ADDR#name is the network's word, like the address: a configured
+    auth_name (or a static resolver's #NAME) wins, in the probe and in the tunnel's order."""
+    ln = Link("eth0", resolvers=(NetResolver.parse(f"{A}#net.example"), NetResolver(B)))
+    plan = policy.decide([ln], conf("strict", auth_name="conf.example"), {}, T0)
+    for req in plan.probes:
+        assert req.settings.auth.auth_name == "conf.example"
+        assert req.settings.auth.name_source is AuthSource.CONFIGURED
+        assert req.settings.auth.address_source is AuthSource.NETWORK
+    assert [(u.auth_name, u.name_source) for u in plan.upstreams] == [
+        ("conf.example", AuthSource.CONFIGURED)
+    ] * 2
+    assert plan.upstreams[0].auth_spec(Profile.STRICT).name_source is AuthSource.CONFIGURED
+    # a static resolver's own name, for the same address the network hands out
+    static = (UpstreamSpec.parse(f"{A}#static.example"),)
+    plan = policy.decide([ln], conf("strict", static_resolvers=static), {}, T0)
+    auth = plan.probes[0].settings.auth
+    assert (auth.auth_name, auth.name_source, auth.address_source) == (
+        "static.example", AuthSource.CONFIGURED, AuthSource.CONFIGURED
+    )  # fmt: skip
+    # nothing configured: the network's name may be used, marked as the network's
+    plan = policy.decide([ln], conf("strict"), {}, T0)
+    auth = plan.probes[0].settings.auth
+    assert (auth.auth_name, auth.name_source) == ("net.example", AuthSource.NETWORK)
+    assert not auth.name_configured
+    up = plan.upstreams[0]
+    assert (up.auth_name, up.name_source) == ("net.example", AuthSource.NETWORK)
+    assert up.auth_spec(Profile.STRICT, "/ca.pem").name_source is AuthSource.NETWORK
+    assert plan.probes[1].settings.auth.auth_name is None
+
+
+def test_learn_keeps_where_authentication_came_from() -> None:
+    r = dataclasses.replace(
+        _result(Method.TLS_PORT, pin=PIN1), auth=Auth.IP_SAN, auth_source=AuthSource.NETWORK
+    )
+    k = policy.learn(None, r, network="n", now=T0, negative_cache=3600)
+    assert (k.auth, k.auth_source) == (Auth.IP_SAN, AuthSource.NETWORK)
 
 
 def test_probe_settings_follow_learnt_path_and_link_config() -> None:

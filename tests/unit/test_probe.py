@@ -6,25 +6,37 @@ Each fault pins the resulting method, the failure reason and that the deadline h
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path as FsPath
+from typing import Any
 
 import dns.message
 import pytest
 
+from agent import policy
+from agent.config import Config, ConfigProfile, LinkSettings
 from agent.dns.wire import TO_FLAG, frame, starttls_query
+from agent.engine import Engine
 from agent.model import (
     Auth,
+    AuthSource,
     AuthSpec,
     Failure,
+    Link,
     Method,
+    NetResolver,
     Order,
     Path,
     ProbeResult,
     ProbeSettings,
     Profile,
+    Source,
+    UpstreamSpec,
 )
 from agent.probe import probe
+from agent.state import Store
 from tests.conftest import Certs, run
 from tests.lab.certs import CertFiles
 from tests.lab.peer import Fault, Peer, PeerConfig
@@ -194,6 +206,75 @@ def test_strict_without_ip_or_name_rejects(certs: Certs) -> None:
     assert port.failure is Failure.CERT_NOT_AUTHENTICATED
     assert "does not name 127.0.0.1" in port.detail
     assert not [s for s in p.seen if s.via.startswith("tls")]  # no query sent to it
+
+
+def test_strict_configured_name_rejects_a_certificate_for_the_address(certs: Certs) -> None:
+    """The rogue DHCP server: the certificate names the address it handed out (and a
+    name of its choosing), but not the configured name: rejected, nothing sent in TLS."""
+    spec = strict(ca_file=str(certs.ca.path), auth_name="resolver.example")
+    r, p = probe_peer(peer(certs.good), spec)
+    assert not r.acceptable and r.auth is None and r.auth_source is None
+    for which in (Path.PORT, Path.UPGRADE):
+        o = path(r, which)
+        assert o.failure is Failure.CERT_NOT_AUTHENTICATED
+        assert "does not name resolver.example, the configured name" in o.detail
+    assert not [s for s in p.seen if s.via.startswith("tls")]
+
+
+def _strict_link(certs: Certs, auth_name: str | None = None) -> LinkSettings:
+    return dataclasses.replace(
+        LinkSettings(),
+        profile=ConfigProfile.STRICT,
+        ca_file=str(certs.ca.path),
+        auth_name=auth_name,
+    )
+
+
+def test_a_network_name_does_not_replace_the_configured_one(certs: Certs) -> None:
+    """NetworkManager says 127.0.0.1#dns.test, which the certificate carries; the
+    configuration says resolver.example, which it does not: configuration wins."""
+    s = _strict_link(certs, auth_name="resolver.example")
+    spec = policy.auth_spec(Profile.STRICT, s, NetResolver.parse("127.0.0.1#dns.test"))
+    assert spec.auth_name == "resolver.example" and spec.name_source is AuthSource.CONFIGURED
+    r, _ = probe_peer(peer(certs.good), spec)
+    assert not r.acceptable
+    assert path(r, Path.PORT).failure is Failure.CERT_NOT_AUTHENTICATED
+
+
+class _NoTunnel:
+    def set_upstreams(self, specs: Sequence[UpstreamSpec], **kw: Any) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+def test_nothing_configured_the_address_authenticates_and_status_says_network(
+    certs: Certs, tmp_path: FsPath
+) -> None:
+    """Probe as the daemon would (policy's settings for a resolver NetworkManager handed
+    out), learn, and report: ip-san, from the network."""
+    s = _strict_link(certs)
+    resolver = NetResolver.parse("127.0.0.1")
+    spec = policy.auth_spec(Profile.STRICT, s, resolver)
+    assert spec.address_source is AuthSource.NETWORK
+    r, _ = probe_peer(peer(certs.good), spec)
+    assert r.acceptable and r.auth is Auth.IP_SAN and r.auth_source is AuthSource.NETWORK
+    ln = Link("eth0", resolvers=(resolver,), connection_uuid="u-1")
+    k = policy.learn(None, r, network=ln.network_id, now=1.0, negative_cache=60)
+    engine = Engine(Config(defaults=s), _NoTunnel(), Store(tmp_path))
+    engine.state.remember(k)
+    engine.links.replace(Source.NM, {"eth0": ln})
+    (res,) = engine.status()["interfaces"][0]["resolvers"]
+    assert (res["auth"], res["auth_source"]) == ("ip-san", "network")
+    # a static resolver's address is configured
+    static = policy.auth_spec(
+        Profile.STRICT,
+        dataclasses.replace(s, static_resolvers=(UpstreamSpec.parse("127.0.0.1"),)),
+        resolver,
+    )
+    r2, _ = probe_peer(peer(certs.good), static)
+    assert r2.auth is Auth.IP_SAN and r2.auth_source is AuthSource.CONFIGURED
 
 
 def test_strict_pin(certs: Certs) -> None:

@@ -168,7 +168,8 @@ def test_crash_between_journal_and_change(root: Path, tmp_path: Path) -> None:
     """The journal is written before the file: a crash in between restores to the same file."""
     resolv(root).write_text(ORIGINAL)
     backend = ResolvConfFile(root)
-    sysconf.Journal(tmp_path / "s").save(backend.name, [backend.record()])
+    with sysconf.open_journal(tmp_path / "s") as journal:
+        journal.save(backend.name, [backend.record()])
     assert "put back" in sysconf.restore(tmp_path / "s", root)
     assert resolv(root).read_text() == ORIGINAL
 

@@ -221,7 +221,8 @@ def agent_toml(tmp_path: Path, body: str) -> Path:
     (tmp_path / "state").mkdir(exist_ok=True)
     path = tmp_path / "agent.toml"
     path.write_text(
-        f'state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n{body}'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        f'stub_state_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n{body}'
     )
     return path
 
@@ -318,7 +319,13 @@ def test_restore_unless_restarting_restores_at_a_final_stop(
     if body == "broken":  # read as the defaults: the daemon will refuse it, not restart
         monkeypatch.setattr(config, "load", broken)
         monkeypatch.setattr(
-            config, "Config", functools.partial(Config, state_dir=str(tmp_path / "state"))
+            config,
+            "Config",
+            functools.partial(
+                Config,
+                state_dir=str(tmp_path / "state"),
+                stub_state_dir=str(tmp_path / "state"),
+            ),
         )
     assert cli.main(["-c", str(conf), "restore", "--unless-restarting"]) == cli.EXIT_OK
     out = capsys.readouterr().out

@@ -322,7 +322,7 @@ def test_apply_empties_the_links_and_restore_puts_everything_back(
     assert fake.links == {LINK: [], OTHER: []}
     # NM sent the servers again after the restart: emptied once more
     assert [i for i, _ in fake.set_calls].count(LINK) == 2
-    entry = sysconf.Journal(world.state).load()
+    entry = sysconf.journal_of(world.state)
     assert entry is not None
     (journalled,) = entry["entries"]
     assert journalled["global"] == [Server("192.0.2.53").to_json()]
@@ -336,7 +336,7 @@ def test_apply_empties_the_links_and_restore_puts_everything_back(
     assert fake.links == {LINK: LINK_DNS, OTHER: [Server("203.0.113.7")]}
     assert fake.global_servers == [Server("192.0.2.53")] and fake.restarts == 2
     assert not world.dropin.exists()
-    assert sysconf.Journal(world.state).load() is None
+    assert sysconf.journal_of(world.state) is None
 
 
 def test_applying_again_restarts_nothing(world: World) -> None:
@@ -351,7 +351,8 @@ def test_killed_between_the_journal_and_the_change(
 ) -> None:
     """The journal holds only what record() saw; apply had done everything (or anything)."""
     backend = world.backend()
-    sysconf.Journal(world.state).save(backend.name, [backend.record()])
+    with sysconf.open_journal(world.state) as journal:
+        journal.save(backend.name, [backend.record()])
     backend.apply(TUNNEL, backend.record())  # ...and the process died before saving its entry
     assert world.fake.links[LINK] == []
     said = world.restore(monkeypatch)  # a fresh process
@@ -409,7 +410,7 @@ def test_apply_after_a_reboot_records_afresh(world: World) -> None:
     world.fake.links[LINK] = [Server("198.51.100.77")]
     world.boot = "boot-2"
     world.apply()  # the journal of the first boot is still there
-    entry = sysconf.Journal(world.state).load()
+    entry = sysconf.journal_of(world.state)
     assert entry is not None
     (link,) = [x for x in entry["entries"][0]["links"] if x["ifindex"] == LINK]
     assert link["servers"] == [{"address": "198.51.100.77", "port": 0, "name": ""}]
@@ -466,7 +467,7 @@ def test_restore_at_shutdown_restarts_nothing(
     said = world.restore(monkeypatch)
     assert "not restarted" in said and "has its servers again" in said
     assert not world.dropin.exists()
-    assert sysconf.Journal(world.state).load() is None
+    assert sysconf.journal_of(world.state) is None
 
 
 def test_restore_with_resolved_gone(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -513,7 +514,7 @@ def test_nm_stops_feeding_resolved_and_restore_lets_it_again(
     # loaded (DNS set up anew: systemd-resolved= alone needs it), then asked to send again
     assert nm.reloads[:2] == [nmb.RELOAD_CONF | nmb.RELOAD_DNS_FULL, nmb.RELOAD_DNS_RC]
     assert fake.links == {LINK: [], OTHER: []}
-    entry = sysconf.Journal(w.state).load()
+    entry = sysconf.journal_of(w.state)
     assert entry is not None
     (journalled,) = entry["entries"]
     assert journalled["nm_dropins"]["run"]["absent"] and journalled["nm_dropins"]["etc"]["absent"]
@@ -575,7 +576,7 @@ def test_an_nm_that_will_not_stop_is_warned_about_and_left_as_it_was(
     assert not w.nm_dropin("run").exists() and not w.nm_dropin("etc").exists()
     assert w.nm.reloads[-1] == resolved.NM_RELOAD  # NM re-read its configuration without ours
     assert w.fake.links == {LINK: [], OTHER: []}  # emptied all the same, as before
-    entry = sysconf.Journal(w.state).load()
+    entry = sysconf.journal_of(w.state)
     assert entry is not None and entry["entries"][0]["nm_used"] == []
     said = w.restore(monkeypatch)
     assert "wlan0 has its servers again" in said
@@ -585,7 +586,8 @@ def test_an_nm_that_will_not_stop_is_warned_about_and_left_as_it_was(
 def test_killed_half_way_with_nm_silenced(nm_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     w = nm_world
     backend = w.backend()
-    sysconf.Journal(w.state).save(backend.name, [backend.record()])
+    with sysconf.open_journal(w.state) as journal:
+        journal.save(backend.name, [backend.record()])
     backend.apply(TUNNEL, backend.record())  # ...and the process died before saving its entry
     assert w.nm_dropin("run").exists() and w.fake.links[LINK] == []
     said = w.restore(monkeypatch)  # a fresh process, from the journal alone
@@ -638,7 +640,7 @@ def test_an_nm_dropin_left_in_etc_across_a_reboot_is_removed(
     w.nm_dropin("run").unlink()  # a tmpfs
     w.boot = "boot-2"
     w.apply()
-    entry = sysconf.Journal(w.state).load()
+    entry = sysconf.journal_of(w.state)
     assert entry is not None and entry["entries"][0]["nm_dropins"]["etc"]["absent"]
     said = w.restore(monkeypatch)
     assert f"{w.nm_dropin('etc')} removed" in said

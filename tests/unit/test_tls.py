@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import ssl
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from agent import tls
 from agent.errors import UsageError
-from agent.model import Auth, AuthSpec, Profile, parse_pin
+from agent.model import Auth, AuthSource, AuthSpec, Profile, parse_pin
 from tests.conftest import Certs, require_program
 
 STRICT = Profile.STRICT
@@ -91,8 +92,51 @@ def test_authenticate_decisions(certs: Certs) -> None:
         is Auth.NAME
     )
     none, why = auth(der, "192.0.2.1", AuthSpec(STRICT, auth_name="x.test"), chain_valid=True)
+    assert none is Auth.NONE and "does not name x.test, the configured name" in why
+    net = AuthSpec(STRICT, auth_name="x.test", name_source=AuthSource.NETWORK)
+    none, why = auth(der, "192.0.2.1", net, chain_valid=True)
     assert none is Auth.NONE and "192.0.2.1 or x.test" in why
     assert auth(certs.no_ip.der, "127.0.0.1", AuthSpec(STRICT), chain_valid=True)[0] is Auth.NONE
+
+
+NETWORK = AuthSource.NETWORK
+
+
+def test_strict_configured_name_is_not_replaced_by_the_ip_san(certs: Certs, tmp_path: Path) -> None:
+    """A rogue DHCP server hands out an address it holds a CA-issued certificate for:
+    with auth_name configured, that certificate does not authenticate."""
+    ip_only = certs.ca.issue(tmp_path, "ip-only", ips=("127.0.0.1",))
+    for spec in (
+        AuthSpec(STRICT, auth_name="dns.test"),
+        AuthSpec(STRICT, auth_name="dns.test", address_source=NETWORK),
+    ):
+        auth, why = tls.authenticate(ip_only.der, "127.0.0.1", spec, chain_valid=True)
+        assert auth is Auth.NONE and "does not name dns.test" in why
+        assert not tls.accepted(auth, spec)
+    # the name and the address both in it: the name authenticates, as configured
+    spec = AuthSpec(STRICT, auth_name="dns.test", address_source=NETWORK)
+    auth, _ = tls.authenticate(certs.good.der, "127.0.0.1", spec, chain_valid=True)
+    assert auth is Auth.NAME and tls.auth_source(auth, spec) is AuthSource.CONFIGURED
+    # pins still decide, with or without a name
+    pinned = AuthSpec(STRICT, frozenset({ip_only.pin}), auth_name="dns.test")
+    auth, _ = tls.authenticate(ip_only.der, "127.0.0.1", pinned, chain_valid=False)
+    assert auth is Auth.PIN and tls.auth_source(auth, pinned) is AuthSource.CONFIGURED
+
+
+def test_strict_network_name_or_address_when_nothing_is_configured(
+    certs: Certs, tmp_path: Path
+) -> None:
+    ip_only = certs.ca.issue(tmp_path, "ip-only", ips=("127.0.0.1",))
+    spec = AuthSpec(STRICT, auth_name="dns.test", name_source=NETWORK, address_source=NETWORK)
+    auth, _ = tls.authenticate(ip_only.der, "127.0.0.1", spec, chain_valid=True)
+    assert auth is Auth.IP_SAN and tls.auth_source(auth, spec) is NETWORK
+    auth, _ = tls.authenticate(certs.no_ip.der, "127.0.0.1", spec, chain_valid=True)
+    assert auth is Auth.NAME and tls.auth_source(auth, spec) is NETWORK
+    nothing = AuthSpec(STRICT, address_source=NETWORK)
+    auth, _ = tls.authenticate(ip_only.der, "127.0.0.1", nothing, chain_valid=True)
+    assert auth is Auth.IP_SAN and tls.auth_source(auth, nothing) is NETWORK
+    assert tls.auth_source(Auth.IP_SAN, AuthSpec(STRICT)) is AuthSource.CONFIGURED
+    assert tls.auth_source(Auth.NONE, spec) is None
 
 
 def test_accepted_by_profile() -> None:
