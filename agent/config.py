@@ -307,7 +307,9 @@ OPTIONS: tuple[Option, ...] = (
         list,
         [],
         Scope.LINK,
-        "Resolvers to use besides the network's, [tls:|upgrade:]ADDR[@PORT][#NAME].",
+        "Resolvers to use besides the network's, [tls:|upgrade:]ADDR[@PORT][#NAME]. Set at the "
+        "top level they alone suffice: while no interface is managed (no NetworkManager, no "
+        "lease, only lo) they are the machine's resolvers, as the pseudo-interface static.",
         _each(UpstreamSpec.parse),
         '["198.51.100.53#dns.example.net"]',
     ),

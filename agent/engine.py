@@ -37,10 +37,12 @@ from agent.policy import (
     ProbeRequest,
     Warning,
     decide,
+    is_static,
     learn,
     search_domains,
     settings_for,
     tunnel_failed,
+    with_statics,
 )
 from agent.probe import probe
 from agent.state import State, Store
@@ -134,6 +136,7 @@ class Engine:
         self.plan: Plan | None = None
         self.applied: tuple[Any, ...] | None = None
         self.held_until: float | None = None  # the order in use kept while no link has resolvers
+        self._applied_network = False  # the order in use came from the network's links
         self.warnings: list[Warning] = []
         self.joined: dict[str, float] = {}  # network -> when it appeared (wall clock)
         self.probing: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -142,6 +145,11 @@ class Engine:
         self._limit = asyncio.Semaphore(config.max_parallel_probes)
         self._save_due = False
         self.decisions = 0
+
+    def machine_links(self) -> list[Link]:
+        """The watchers' links and, when none is managed, the machine-wide statics'
+        pseudo-interface (policy.with_statics): what is planned, probed, learnt and shown."""
+        return with_statics(self.links.merged(), self.config)
 
     # -- inputs (sync: watchers call these) ----------------------------------------------------
     def on_nm(self, snap: NMSnapshot) -> None:
@@ -171,7 +179,7 @@ class Engine:
     def upstream_failed(self, spec: UpstreamSpec, failure: Failure, detail: str) -> None:
         now = self.clock()
         changed = False
-        for link in self.links.merged():
+        for link in self.machine_links():
             if not any(r.address == spec.address for r in link.resolvers) and not any(
                 u.address == spec.address for u in settings_for(self.config, link).static_resolvers
             ):
@@ -199,7 +207,7 @@ class Engine:
     def reprobe(self) -> None:
         """Forget freshness: every resolver in use is probed again now."""
         now = self.clock()
-        for link in self.links.merged():
+        for link in self.machine_links():
             self.joined[link.network_id] = now
         self.poke("re-probe asked for")
 
@@ -243,7 +251,7 @@ class Engine:
     def step(self) -> Plan:
         """Decide once and carry the decision out."""
         now = self.clock()
-        links = self.links.merged()
+        links = self.machine_links()
         for link in links:
             if link.up and link.network_id not in self.joined:
                 self.joined[link.network_id] = now
@@ -264,9 +272,10 @@ class Engine:
         self.plan = plan
         self.decisions += 1
         self._apply(plan, links)
-        for req in plan.probes:
-            self._start_probe(req)
-        self._warn(list(plan.warnings))
+        if self.held_until is None:  # a held plan is carried out once the hold ends
+            for req in plan.probes:
+                self._start_probe(req)
+            self._warn(list(plan.warnings))
         search = search_domains(links)
         if search != self.search:
             self.search = search
@@ -281,9 +290,13 @@ class Engine:
     def _apply(self, plan: Plan, links: list[Link]) -> None:
         routes = tuple((r.domain, r.upstreams) for r in plan.routes)
         wanted = (plan.profile, plan.upstreams, routes)
-        if wanted == self.applied or self._holding(plan, links):
+        if wanted == self.applied:  # back to the order in use: no longer held
+            self.held_until = None
+            return
+        if self._holding(plan, links):
             return
         self.applied = wanted
+        self._applied_network = not any(map(is_static, links))
         LOG.info(
             "order (%s): %s",
             plan.profile or "nothing to manage",
@@ -306,17 +319,22 @@ class Engine:
 
     def _holding(self, plan: Plan, links: list[Link]) -> bool:
         """Keep the order in use a moment (the configuration's hold_empty) when the plan is
-        empty only because no interface has resolvers just now.
+        empty (or made of the machine-wide statics only) because no interface has resolvers
+        just now.
 
         NetworkManager re-activating a device empties its DNS configuration for 30-250 ms,
         longer on real DHCP; an empty order in between (the tunnel answers SERVFAIL at
         once) failed every query sent in that window (bench/lease_to_answer.py --loss).
-        Only the order already in use is kept: nothing less private than before."""
+        Only the order already in use is kept: nothing less private than before. Nor does
+        the statics' pseudo-interface take over for such a moment (its probes, its
+        warnings): a held plan is carried out only once the hold runs out."""
+        statics = any(map(is_static, links))
         gone = (
-            not plan.upstreams
-            and self.applied is not None
+            self.applied is not None
             and bool(self.applied[1])
-            and not any(link.up and link.resolvers for link in links)
+            and not any(x.up and x.resolvers for x in links if not is_static(x))
+            # the statics alone: held only when they would take over from the network's
+            and (self._applied_network if statics else not plan.upstreams)
         )
         if not gone:
             self.held_until = None
@@ -359,7 +377,7 @@ class Engine:
     async def _probe(self, req: ProbeRequest) -> None:
         async with self._limit:
             result = await self.prober(req.address, req.settings)
-        link = next((x for x in self.links.merged() if x.network_id == req.network), None)
+        link = next((x for x in self.machine_links() if x.network_id == req.network), None)
         s = settings_for(self.config, link) if link else self.config.defaults
         previous = self.state.knowledge.get((req.network, req.address))
         k = learn(
@@ -384,7 +402,7 @@ class Engine:
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         plan = self.plan
-        links = self.links.merged()
+        links = self.machine_links()
         out_links = []
         for link in links:
             s = settings_for(self.config, link)

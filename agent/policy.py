@@ -107,7 +107,52 @@ def to_profile(p: ConfigProfile) -> Profile | None:
 
 
 def settings_for(config: Config, link: Link) -> LinkSettings:
+    if is_static(link):
+        return config.defaults
     return config.for_link(link.ifname, link.connection, link.ssid)
+
+
+# -- the machine-wide statics --------------------------------------------------------------------
+
+STATIC = "static"  # the `ifname` of the pseudo-interface of the global static_resolvers
+
+
+def is_static(link: Link) -> bool:
+    """The pseudo-interface of `with_statics`: the watchers' links never carry resolvers
+    of the configuration's own, so this cannot be taken for an interface called "static"."""
+    return (
+        link.ifname == STATIC
+        and bool(link.resolvers)
+        and all(r.source is Source.STATIC for r in link.resolvers)
+    )
+
+
+def _managed(link: Link, s: LinkSettings) -> bool:
+    return (
+        link.up and to_profile(s.profile) is not None and bool(link.resolvers or s.static_resolvers)
+    )
+
+
+def _static_resolver(u: UpstreamSpec) -> NetResolver:
+    return NetResolver(u.address, u.auth_name, u.port, True, Source.STATIC)
+
+
+def with_statics(links: Iterable[Link], config: Config) -> list[Link]:
+    """The links a plan is made of: the network's and, when none of them is managed, the
+    global `static_resolvers` as one machine-wide pseudo-interface ("static", the global
+    settings, its own network "if:static" for what is learnt).
+
+    A server, a container or a VM configured by hand has no NetworkManager, no lease and
+    maybe no interface but lo: the statics alone are its resolvers. While some interface
+    is managed they go with it instead, as its settings say (a section may replace them).
+    Idempotent: the pseudo-interface, once there, is managed itself."""
+    out = list(links)
+    statics = config.defaults.static_resolvers
+    if not statics or to_profile(config.defaults.profile) is None:
+        return out
+    if any(_managed(link, settings_for(config, link)) for link in out):
+        return out
+    return [*out, Link(STATIC, resolvers=tuple(_static_resolver(u) for u in statics))]
 
 
 # -- learning ------------------------------------------------------------------------------------
@@ -241,9 +286,7 @@ def search_domains(links: Iterable[Link]) -> tuple[str, ...]:
 def _resolvers(link: Link, s: LinkSettings, own: Collection[str]) -> list[NetResolver]:
     out: list[NetResolver] = []
     seen: set[str] = set()
-    statics = [
-        NetResolver(u.address, u.auth_name, u.port, True, Source.STATIC) for u in s.static_resolvers
-    ]
+    statics = [_static_resolver(u) for u in s.static_resolvers]
     for r in [*link.resolvers, *statics]:
         if r.address in seen or r.address in s.ignore_resolvers or r.address in own:
             continue
@@ -327,18 +370,20 @@ def decide(
 ) -> Plan:
     """The whole machine's plan.
 
-    `probing`: (network, address) pairs being probed right now. `joined`: when each
-    network was (re)joined; what was learnt before that is used at once and revalidated.
+    `links`: as the watchers see them; when none is managed, the global static_resolvers
+    are planned as a machine-wide pseudo-interface (`with_statics`). `probing`: (network,
+    address) pairs being probed right now. `joined`: when each network was (re)joined;
+    what was learnt before that is used at once and revalidated.
     `connectivity`: NetworkManager's word ("portal": a captive portal); `portal_until`:
     the end of a supervised exception that lets strict use the portal's DNS to log in.
     `tunnel_mode`: what the running tunnel reported last (private, cleartext or down) and
     why: a change at run time is told to the user like any other.
     """
     active: list[tuple[Link, LinkSettings, Profile]] = []
-    for link in links:
+    for link in with_statics(links, config):
         s = settings_for(config, link)
         profile = to_profile(s.profile)
-        if link.up and profile is not None and (link.resolvers or s.static_resolvers):
+        if profile is not None and _managed(link, s):
             active.append((link, s, profile))
     if not active:
         return Plan(None, (), (), (), (), (), None, "no interface with resolvers to manage")

@@ -386,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cli, srv = args.attach
         else:
             tag = new_tag()
-            owned = [Netns(f"dtd-cli-{tag}"), Netns(f"dtd-srv-{tag}")]
+            for side in ("cli", "srv"):  # one at a time: the first is owned if the second fails
+                owned.append(Netns(f"dtd-{side}-{tag}"))
             cli, srv = owned[0].name, owned[1].name
         end = time.monotonic() + args.lifetime
         with DelayLine(cli, srv, args.rtt_ms / 1000) as line:

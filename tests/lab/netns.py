@@ -85,10 +85,16 @@ def run_ip(*args: str) -> None:
 
 class Netns:
     def __init__(self, name: str) -> None:
+        """Made whole or not at all: a step that fails after `ip netns add` deletes the
+        namespace again before the error goes up (no caller holds it to clean up)."""
         self.name = name
-        run_ip("netns", "add", name)
-        run_ip("-n", name, "link", "set", "lo", "up")
         self.processes: list[Process] = []
+        run_ip("netns", "add", name)
+        try:
+            run_ip("-n", name, "link", "set", "lo", "up")
+        except BaseException:
+            self.delete()
+            raise
 
     def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
         """Run `fn` inside this namespace (in a thread of this process), see `call_in`."""
@@ -126,9 +132,14 @@ class Netns:
         )
 
     def delete(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        subprocess.run([need("ip"), "netns", "del", self.name], capture_output=True, check=False)
+        """Processes first (by PID), then the namespace, also when stopping one failed."""
+        try:
+            for proc in reversed(self.processes):
+                proc.stop()
+        finally:
+            subprocess.run(
+                [need("ip"), "netns", "del", self.name], capture_output=True, check=False
+            )
 
 
 class Lab:

@@ -35,14 +35,18 @@ class Process:
         self.argv = list(argv)
         self.log = log
         self._logf = log.open("ab")
-        self.popen = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._logf,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        try:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._logf,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        except BaseException:
+            self._logf.close()
+            raise
 
     @property
     def pid(self) -> int:
@@ -57,6 +61,7 @@ class Process:
             if ready():
                 return
             if not self.alive():
+                self.stop()  # reaped already; closes its log
                 raise RuntimeError(
                     f"{what}: process exited ({self.popen.returncode}); log:\n{self.tail()}"
                 )

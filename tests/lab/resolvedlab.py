@@ -103,6 +103,7 @@ class PeerInNetns:
     def __enter__(self) -> PeerInNetns:
         self._thread.start()
         if not self._ready.wait(10) or self._error is not None:
+            self.close()  # a peer that started late is stopped, not left serving
             raise LabError(f"test peer in {self.netns} did not start: {self._error!r}")
         return self
 

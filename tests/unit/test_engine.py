@@ -41,17 +41,20 @@ PIN = "pOXrpUt9kgPgbWxBFFcBTbRH2heo2wHwXp1fd4AEVXI="
 
 
 class FakeProber:
-    def __init__(self, methods: dict[str, Method], delay: float = 0.01) -> None:
+    def __init__(
+        self, methods: dict[str, Method], delay: float = 0.01, auth: Auth = Auth.NONE
+    ) -> None:
         self.methods = methods
         self.delay = delay
+        self.auth = auth  # how every TLS resolver authenticates
         self.calls: list[str] = []
 
     async def __call__(self, address: str, settings: ProbeSettings) -> ProbeResult:
         self.calls.append(address)
         await asyncio.sleep(self.delay)
         m = self.methods.get(address, Method.UNREACHABLE)
-        tls = TLSInfo("TLSv1.3", "x", PIN, Auth.NONE) if m.private else None
-        return ProbeResult(address, settings.auth.profile, m, m.private, Auth.NONE if tls else None,
+        tls = TLSInfo("TLSv1.3", "x", PIN, self.auth) if m.private else None
+        return ProbeResult(address, settings.auth.profile, m, m.private, self.auth if tls else None,
                            tls, Timings(answer_ms=5.0), 10, 10, None, None)  # fmt: skip
 
 
@@ -338,6 +341,100 @@ def test_the_order_in_use_is_kept_a_moment_while_no_link_has_resolvers(tmp_path:
             await asyncio.sleep(0.4)  # past the hold: emptied by the engine's own wake-up
             assert in_tunnel() == [] and engine.held_until is None
             assert engine.status()["order"] == []
+        finally:
+            await stopped(tunnel, task)
+
+    run(go())
+
+
+def with_statics(config: Config, *texts: str, **kw: object) -> Config:
+    statics = tuple(UpstreamSpec.parse(t) for t in texts)
+    defaults = dataclasses.replace(config.defaults, static_resolvers=statics)
+    return dataclasses.replace(config, defaults=defaults, **kw)  # type: ignore[arg-type]
+
+
+def test_static_resolvers_alone_are_probed_used_learnt_and_shown(tmp_path: Path) -> None:
+    """No NetworkManager, no lease, no interface but lo: the global static_resolvers are
+    the machine's resolvers (policy.with_statics), known on their own network."""
+
+    async def go() -> None:
+        prober = FakeProber({A: Method.TLS_PORT, B: Method.TLS_PORT}, auth=Auth.NAME)
+        config = with_statics(cfg("strict"), f"tls:{A}#dns.example")
+        engine, tunnel, task = await started(tmp_path, prober, config)
+        try:
+            engine.on_nm(NMSnapshot(running=False))  # nothing from any watcher
+            engine.on_netlink({})
+            await settle(engine)
+            assert prober.calls == [A]
+            assert [str(u.spec) for u in tunnel.upstreams] == [
+                "tls-port:198.51.100.1@853#dns.example"
+            ]
+            assert profile(tunnel) is Profile.STRICT and tunnel.mode.value == "private"
+            st = engine.status()
+            (iface,) = st["interfaces"]
+            assert (iface["interface"], iface["network"], iface["profile"]) == (
+                "static", "if:static", "strict"
+            )  # fmt: skip
+            assert [
+                (r["address"], r["method"], r["auth"], r["used"]) for r in iface["resolvers"]
+            ] == [(A, "tls-port", "name", True)]
+            # what the tunnel learns comes back for it as for any link
+            engine.upstream_failed(UpstreamSpec(A, auth_name="dns.example"), Failure.RESET, "x")
+            assert engine.state.knowledge[("if:static", A)].suspect_at > 0
+            # an interface comes up: the statics go with it, learnt on its network
+            engine.on_nm(NMSnapshot({"eth0": eth0(B)}))
+            await settle(engine)
+            assert sorted(prober.calls) == [A, A, B]
+            assert [i["interface"] for i in engine.status()["interfaces"]] == ["eth0"]
+            assert ("nm:u-1", A) in engine.state.knowledge
+        finally:
+            await stopped(tunnel, task)
+        assert ("if:static", A) in Store(tmp_path).load().knowledge
+
+    run(go())
+
+
+def test_a_moment_without_the_network_is_held_not_handed_to_the_statics(tmp_path: Path) -> None:
+    """NM re-activating a device on a machine with global statics: the order in use is kept
+    for hold_empty; only if the network stays away do the statics alone take over (their
+    probes and warnings too)."""
+
+    async def go() -> None:
+        seen: list[tuple[list[Warning], list[Warning]]] = []
+        prober = FakeProber({B: Method.TLS_PORT})  # A (static) unreachable: offline
+        tunnel = Tunnel(TunnelConfig(upstreams=(), listen=(("127.0.0.1", 0),)))
+        await tunnel.start()
+        config = with_statics(cfg("encrypted"), A, hold_empty=0.3)
+        engine = Engine(config, tunnel, Store(tmp_path), prober=prober,
+                        on_warnings=lambda r, c: seen.append((r, c)))  # fmt: skip
+        task = asyncio.create_task(engine.run())
+
+        def in_tunnel() -> list[str]:
+            return sorted({u.spec.address for u in tunnel.upstreams})
+
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(B)}))
+            await settle(engine)
+            assert in_tunnel() == [B] and sorted(prober.calls) == [A, B]
+            calls = len(prober.calls)
+            engine.on_nm(NMSnapshot({"eth0": eth0(B, up=False)}))  # re-activating
+            await settle(engine)
+            assert in_tunnel() == [B] and engine.held_until is not None
+            assert len(prober.calls) == calls and not seen[1:]  # nothing of the statics yet
+            engine.on_nm(NMSnapshot({"eth0": eth0(B)}))  # back within the hold
+            await settle(engine)
+            assert in_tunnel() == [B] and engine.held_until is None
+            calls = len(prober.calls)  # (rejoined: revalidated)
+            engine.on_nm(NMSnapshot({"eth0": eth0(B, up=False)}))  # gone for longer
+            await asyncio.sleep(0.4)
+            await settle(engine)
+            assert engine.held_until is None and engine.plan is not None
+            assert [i["interface"] for i in engine.status()["interfaces"]] == ["eth0", "static"]
+            assert prober.calls[calls:] == [A]  # probed on its own network, unreachable
+            assert engine.plan.upstreams == ()
+            assert [(w.alert, w.ifname) for r, _ in seen for w in r] == [
+                (Alert.NO_PRIVATE_DNS, "static")
+            ]
         finally:
             await stopped(tunnel, task)
 

@@ -433,3 +433,97 @@ def test_captive_portal(profile: str) -> None:
     full = policy.decide([ln], conf(profile), ks, T0, connectivity="full", portal_until=T0 + 300)
     assert full.upstreams[0] == UpstreamSpec(A)  # connectivity full: TLS again
     assert all(u.private for u in full.upstreams)
+
+
+# -- the global static resolvers alone (a server, a container, a VM configured by hand) ----------
+
+STATICS = (UpstreamSpec.parse(f"{A}#dns.example"), UpstreamSpec.parse(f"tls:{C}"))
+
+
+def static_link(c: Config) -> Link:
+    (ln,) = [x for x in policy.with_statics([], c) if policy.is_static(x)]
+    return ln
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        [],  # no NetworkManager, no lease, netlink off or only lo
+        [link("eth0", A, up=False)],  # nothing up
+        [link("eth1", B)],  # up, but left alone by its section (below)
+    ],
+    ids=["no-links", "all-down", "all-off"],
+)
+def test_static_resolvers_alone_make_a_machine_wide_interface(links: list[Link]) -> None:
+    c = dataclasses.replace(
+        conf("strict", static_resolvers=STATICS),
+        interfaces=(cfgmod.InterfaceRule("t:1", names=("eth1",), overrides={"profile": "off"}),),
+    )
+    plan = policy.decide(links, c, {}, T0)
+    assert plan.profile is Profile.STRICT  # the global profile
+    assert plan.upstreams == (UpstreamSpec(A, auth_name="dns.example"), UpstreamSpec(C))
+    assert [(p.network, p.ifname, p.address) for p in plan.probes] == [
+        ("if:static", policy.STATIC, A),
+        ("if:static", policy.STATIC, C),
+    ]
+    a, c3 = (p.settings.auth for p in plan.probes)
+    # authenticated as configured: A by its #NAME, C (no name, no pin) by its address
+    assert (a.profile, a.auth_name, a.name_source, a.address_source) == (
+        Profile.STRICT, "dns.example", AuthSource.CONFIGURED, AuthSource.CONFIGURED
+    )  # fmt: skip
+    assert (c3.auth_name, c3.address_source) == (None, AuthSource.CONFIGURED)
+    assert {ch.ifname for ch in plan.choices} == {policy.STATIC}
+    assert not plan.warnings
+
+
+def test_machine_wide_statics_are_ordered_cached_and_warned_about_like_a_link() -> None:
+    c = conf("strict", static_resolvers=STATICS, pins=frozenset({PIN1}))
+    ln = static_link(c)
+    assert ln.network_id == "if:static" and policy.settings_for(c, ln) is c.defaults
+    ks = kmap(
+        know(ln, A, Method.TLS_UPGRADE, Auth.PIN, latency_ms=20.0),
+        know(ln, C, Method.TLS_PORT, Auth.PIN, latency_ms=5.0),
+    )
+    plan = policy.decide([], c, ks, T0 + 10)
+    assert plan.upstreams == (  # by latency, each with the pins configured
+        UpstreamSpec(C, pins=frozenset({PIN1})),
+        UpstreamSpec(A, Method.TLS_UPGRADE, 53, "dns.example", frozenset({PIN1})),
+    )
+    assert plan.probes == () and plan.wake_at == T0 + 1800
+    # strict: a certificate that did not authenticate is not used; refused TLS is cached
+    ks = kmap(
+        know(ln, A, Method.TLS_PORT, Auth.NONE),
+        know(ln, C, Method.TCP_PLAIN, negative_until=T0 + 3600),
+    )
+    plan = policy.decide([], c, ks, T0 + 10)
+    assert plan.upstreams == () and plan.wake_at == T0 + 1800
+    assert "not asked again for 3590 s" in plan.choices[1].reason
+    (w,) = plan.warnings
+    assert w.alert is Alert.NO_PRIVATE_DNS and w.ifname == policy.STATIC
+    # opportunistic: the same knowledge, cleartext last and told
+    opp = policy.decide([], conf(static_resolvers=STATICS), ks, T0 + 10)
+    assert opp.upstreams == (
+        UpstreamSpec(A, auth_name="dns.example"),
+        UpstreamSpec(C, Method.TCP_PLAIN, 53),
+    )
+
+
+def test_machine_wide_statics_only_while_no_interface_is_managed() -> None:
+    c = conf(static_resolvers=STATICS)
+    eth0 = link("eth0", B)
+    assert policy.with_statics([eth0], c) == [eth0]  # the statics go with eth0
+    plan = policy.decide([eth0], c, {}, T0)
+    assert {p.network for p in plan.probes} == {eth0.network_id}
+    assert [u.address for u in plan.upstreams] == [B, A, C]
+    # an interface up with no resolvers of its own still carries them
+    assert policy.with_statics([link("eth0")], c) == [link("eth0")]
+    # nothing to add: no statics, or the global profile is off
+    assert policy.with_statics([], conf()) == []
+    assert policy.with_statics([], conf("off", static_resolvers=STATICS)) == []
+    assert policy.decide([], conf("off", static_resolvers=STATICS), {}, T0).profile is None
+    # once there, it is managed itself: added once, whoever calls first
+    once = policy.with_statics([], c)
+    assert policy.with_statics(once, c) == once
+    assert policy.decide(once, c, {}, T0) == policy.decide([], c, {}, T0)
+    # a real interface called "static" is not taken for it
+    assert not policy.is_static(link("static", A))
