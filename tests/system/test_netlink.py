@@ -1,5 +1,6 @@
 """agent/watchers/netlink.py against the real kernel, in a throw-away network namespace:
-links going up, a default route, an IPv6 router advertisement with RDNSS, lost events."""
+links going up, a default route, an IPv6 router advertisement with RDNSS, lost events;
+with the installed pyroute2's backend (0.7, 0.8: SyncRtnl; 0.9: AsyncRtnl)."""
 
 from __future__ import annotations
 
