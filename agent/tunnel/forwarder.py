@@ -301,9 +301,10 @@ class Tunnel:
         if p.done:
             return
         up.stats.answers += 1
-        if not packet.question_matches(p.query, p.info, frame):
+        if not frame[2] & 0x80 or not packet.question_matches(p.query, p.info, frame):
+            # not a response (QR clear: an echo of the query), or to another question
             up.stats.mismatched += 1
-            LOG.warning("%s: answer for ID %d does not match its question", up.spec, p.uid)
+            LOG.warning("%s: answer for ID %d is not a response to its question", up.spec, p.uid)
             self.servfail(p)
             return
         up.stats.latency(time.monotonic() - p.sent)

@@ -88,6 +88,11 @@ class MemUpstream:
             reply = dns.message.make_response(dns.message.from_wire(p.query))
             self.events.answered(cast(Upstream, self), p, reply.to_wire())
 
+    def echo(self) -> None:
+        """Send each query back as its own answer (QR clear), as a broken upstream did."""
+        for p in self.take_queue():
+            self.events.answered(cast(Upstream, self), p, p.query)
+
     def fail(self) -> None:
         self.available = False
         self.state = State.BACKOFF
@@ -229,5 +234,17 @@ def test_strict_refuses_an_order_with_cleartext() -> None:
         else:
             raise AssertionError("a cleartext entry under strict was accepted")
         assert [u.spec for u in t.upstreams] == [UpstreamSpec(A)]
+
+    run(go())
+
+
+def test_an_echoed_query_is_not_an_answer() -> None:
+    async def go() -> None:
+        t, _events = tunnel(UpstreamSpec(A))
+        client = Client()
+        ask(t, client, "echo.test")
+        mem(t, 0).echo()
+        assert client.rcodes() == ["SERVFAIL"] and t.pending == 0
+        assert mem(t, 0).stats.mismatched == 1
 
     run(go())
