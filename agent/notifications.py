@@ -13,10 +13,7 @@ import logging
 import os
 from typing import Any
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import MessageType
-from dbus_next.message import Message
-from dbus_next.signature import Variant
+from agent.dbus import Message, MessageBus, MessageType, Variant
 
 LOG = logging.getLogger(__name__)
 

@@ -51,9 +51,9 @@ that apply changed, whatever configuration it runs with. Revert removes a drop-i
 it is ours (its header). Placing, checking and putting back a drop-in is NMDropin's job,
 which the resolved backend shares (its drop-in stops NM feeding systemd-resolved).
 
-dbus-next is asynchronous and sysconf is not: each D-Bus conversation runs to its end with
-asyncio.run, in a worker thread with a loop of its own when the caller already runs one
-(the daemon, run as root, points the stub from inside its loop).
+The D-Bus library (agent/dbus.py) is asynchronous and sysconf is not: each conversation runs
+to its end with asyncio.run, in a worker thread with a loop of its own when the caller already
+runs one (the daemon, run as root, points the stub from inside its loop).
 """
 
 from __future__ import annotations
@@ -67,9 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from dbus_next.signature import Variant
-
 from agent import dbus
+from agent.dbus import Variant
 from agent.errors import AgentError
 from agent.fsutil import write_atomic
 from agent.sysconf.resolvconf_file import ResolvConfFile
@@ -145,7 +144,7 @@ class NMControl(Protocol):
 
 
 class DBusNM:
-    """NMControl over D-Bus (dbus-next); one short connection per question."""
+    """NMControl over D-Bus (agent.dbus); one short connection per question."""
 
     def __init__(self, bus_address: str | None = None) -> None:
         self.bus_address = bus_address or None

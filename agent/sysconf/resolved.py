@@ -86,8 +86,9 @@ there or resolved still forwards to the addresses it named, waiting until it no 
 does; removes our NM drop-ins and reloads NM (it feeds resolved again); then puts back the
 servers of each recorded link that has none now (same name, same boot).
 
-dbus-next is asynchronous and sysconf is not: each D-Bus conversation runs to its end with
-asyncio.run in a worker thread (the daemon, run as root, calls this from inside its loop).
+The D-Bus library (agent/dbus.py) is asynchronous and sysconf is not: each conversation runs
+to its end with asyncio.run in a worker thread (the daemon, run as root, calls this from inside
+its loop).
 """
 
 from __future__ import annotations
@@ -103,9 +104,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from dbus_next.signature import Variant
-
 from agent import dbus
+from agent.dbus import Variant
 from agent.errors import AgentError
 from agent.fsutil import write_atomic
 from agent.sysconf.networkmanager import (
@@ -359,7 +359,7 @@ class NMFeeder(Protocol):
 
 
 class DBusResolved:
-    """ResolvedControl over D-Bus (dbus-next); one short connection per question."""
+    """ResolvedControl over D-Bus (agent.dbus); one short connection per question."""
 
     def __init__(self, bus_address: str | None = None, unit: str = UNIT) -> None:
         self.bus_address = bus_address or None

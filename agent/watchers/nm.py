@@ -16,12 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType, MessageType
-from dbus_next.message import Message
-from dbus_next.signature import Variant
-
 from agent import dbus
+from agent.dbus import BusType, Message, MessageBus, MessageType, Variant
 from agent.errors import AgentError
 from agent.model import Link, NetResolver, Source
 

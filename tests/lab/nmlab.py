@@ -61,12 +61,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import MessageType
-from dbus_next.message import Message
-from dbus_next.signature import Variant
-
-from agent.dbus import blocking
+from agent.dbus import Message, MessageBus, MessageType, Variant, blocking
 from tests.lab.machine import Holder, Machine, clean_env, stop_foreign
 from tests.lab.netns import SRV_IPS, Netns, new_tag, run_ip
 from tests.lab.proc import ClosedOnExit, Process, Teardown, need
@@ -95,7 +90,7 @@ DISPATCHERS = ("/usr/lib/NetworkManager/nm-dispatcher", "/usr/libexec/nm-dispatc
 # and must not talk to the host's systemd or journal.
 
 
-# -- D-Bus helpers (dbus-next, low level: no introspection needed) -----------------------------
+# -- D-Bus helpers (agent.dbus, low level: no introspection needed) ----------------------------
 def unwrap(value: Any) -> Any:
     """Variants, dicts and lists of them as plain Python values."""
     if isinstance(value, Variant):
@@ -108,7 +103,7 @@ def unwrap(value: Any) -> Any:
 
 
 async def connect(address: str) -> Any:
-    """A dbus-next MessageBus connected to `address` (e.g. lab.bus_address)."""
+    """A MessageBus (agent.dbus) connected to `address` (e.g. lab.bus_address)."""
     return await MessageBus(bus_address=address).connect()
 
 

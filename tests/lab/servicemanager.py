@@ -30,10 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType, MessageType, RequestNameReply
-from dbus_next.message import Message
-from dbus_next.signature import Variant
+from agent.dbus import BusType, Message, MessageBus, MessageType, RequestNameReply, Variant
 
 SYSTEMD1 = "org.freedesktop.systemd1"
 PATH = "/org/freedesktop/systemd1"

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_next.constants import MessageType
 
+from agent.dbus import MessageType
 from tests.conftest import require_program, require_root, run
 from tests.lab.machine import Holder, pid_alive
 from tests.lab.netns import SRV_IPS
