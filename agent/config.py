@@ -44,6 +44,12 @@ class ConfigProfile(StrEnum):
 
 Check = Callable[[Any], str | None]
 
+MAX_TEXT = 4096  # characters of one string (PATH_MAX); none of the options needs more
+# Control characters make no sense in a path, an address, a name or a glob; in an SSID or a
+# NetworkManager connection id (matched as the network spells them) only NUL is refused.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ANY_TEXT = frozenset({"match_ssid", "match_connection"})
+
 
 def _one_of(*values: str) -> Check:
     return lambda v: None if v in values else f"must be one of {', '.join(values)}"
@@ -81,7 +87,23 @@ def _listen(text: str) -> None:
 
 
 def _absolute(v: str) -> str | None:
+    """An absolute path, or empty (none)."""
     return None if v == "" or v.startswith("/") else "must be an absolute path"
+
+
+def _directory(v: str) -> str | None:
+    return None if v.startswith("/") else "must be an absolute path"
+
+
+def _absolute_path(text: str) -> None:
+    if not text.startswith("/"):
+        raise UsageError(f"{text!r} is not an absolute path")
+
+
+def _static_resolver(text: str) -> None:
+    if not text.isascii():  # a port in other digits, a name not in its xn-- form
+        raise UsageError(f"{text!r} must be ASCII (a name in its xn-- form)")
+    UpstreamSpec.parse(text)
 
 
 def _readable_file(v: str) -> str | None:
@@ -111,7 +133,7 @@ OPTIONS: tuple[Option, ...] = (
         "/var/lib/dnstls-agent",
         Scope.GLOBAL,
         "Directory of the state file (probe results, pins seen, preferred orders).",
-        _absolute,
+        _directory,
         '"/var/lib/dnstls-agent"',
     ),
     Option(
@@ -121,7 +143,7 @@ OPTIONS: tuple[Option, ...] = (
         Scope.GLOBAL,
         "Root's directory for the system stub's journal and lock (made mode 0700; refused "
         "if anyone but root can write it). Never the daemon's state_dir.",
-        _absolute,
+        _directory,
         '"/var/lib/dnstls-agent-stub"',
     ),
     Option(
@@ -130,7 +152,7 @@ OPTIONS: tuple[Option, ...] = (
         "/run/dnstls-agent",
         Scope.GLOBAL,
         "Directory of the control socket.",
-        _absolute,
+        _directory,
         '"/run/dnstls-agent"',
     ),
     Option(
@@ -194,8 +216,9 @@ OPTIONS: tuple[Option, ...] = (
         list,
         ["/var/lib/dhcp", "/run/systemd/netif/leases"],
         Scope.GLOBAL,
-        "Directories of DHCP lease files (dhclient, systemd-networkd) to follow.",
-        None,
+        "Directories of DHCP lease files (dhclient, systemd-networkd) to follow, each an "
+        "absolute path.",
+        _each(_absolute_path),
         '["/var/lib/dhcp"]',
     ),
     Option(
@@ -310,7 +333,7 @@ OPTIONS: tuple[Option, ...] = (
         "Resolvers to use besides the network's, [tls:|upgrade:]ADDR[@PORT][#NAME]. Set at the "
         "top level they alone suffice: while no interface is managed (no NetworkManager, no "
         "lease, only lo) they are the machine's resolvers, as the pseudo-interface static.",
-        _each(UpstreamSpec.parse),
+        _each(_static_resolver),
         '["198.51.100.53#dns.example.net"]',
     ),
     Option(
@@ -508,7 +531,7 @@ def parse_listen(text: str) -> tuple[str, int]:
         host = str(ipaddress.ip_address(host))
     except ValueError:
         raise UsageError(f"{text!r}: {host!r} is not an IP address") from None
-    if not port.isdigit() or not 0 <= int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise UsageError(f"{text!r}: {port!r} is not a port")
     return host, int(port)
 
@@ -573,8 +596,28 @@ def _typed(opt: Option, value: Any) -> str | None:
     return None
 
 
+def _text(opt: Option, value: Any) -> str | None:
+    """Every string, alone or in a list: bounded, and no control characters where they make
+    no sense (an SSID may hold them, never a NUL)."""
+    for v in value if isinstance(value, list) else [value]:
+        if not isinstance(v, str):
+            continue
+        if len(v) > MAX_TEXT:
+            return f"must be {MAX_TEXT} characters at most"
+        if "\x00" in v:
+            return "must not contain a NUL character"
+        if opt.key not in _ANY_TEXT and (m := _CONTROL.search(v)):
+            return f"must not contain a control character (U+{ord(m.group()):04X})"
+    return None
+
+
 def _check_option(opt: Option, value: Any) -> str | None:
-    return _typed(opt, value) or (opt.check(value) if opt.check else None)
+    if err := _typed(opt, value) or _text(opt, value):
+        return err
+    try:
+        return opt.check(value) if opt.check else None
+    except (UsageError, ValueError, OSError) as exc:  # a check that did not foresee the value
+        return str(exc)
 
 
 def _read_one(path: Path, problems: list[Problem]) -> tuple[dict[str, Any], list[InterfaceRule]]:

@@ -230,11 +230,16 @@ class Daemon:
             LOG.warning("status: %s", json.dumps(self.engine.status()))
 
     def reload(self) -> None:
+        """SIGHUP. Whatever goes wrong loading the file, the reload is refused (the old
+        configuration kept) and systemd is told READY=1 again: never left "reloading"."""
         sdnotify.notify("RELOADING=1")
         try:
             cfg = configmod.load(self.config_path)
         except configmod.ConfigError as exc:
             LOG.error("configuration not reloaded, keeping the old one:\n%s", exc)
+        except Exception as exc:  # the edge: what the loader did not foresee never stops it
+            LOG.error("configuration not reloaded, keeping the old one: %s: %s",
+                      type(exc).__name__, exc)  # fmt: skip
         else:
             if (cfg.listen, cfg.state_dir, cfg.runtime_dir) != (
                 self.cfg.listen,
@@ -246,7 +251,8 @@ class Daemon:
             assert self.engine is not None
             self.engine.reload(cfg)
             LOG.info("configuration reloaded from %s", ", ".join(cfg.files) or "defaults")
-        sdnotify.notify("READY=1")
+        finally:
+            sdnotify.notify("READY=1")
 
     async def _status_loop(self) -> None:
         interval = sdnotify.watchdog_interval()

@@ -295,14 +295,18 @@ class Engine:
             return
         if self._holding(plan, links):
             return
-        self.applied = wanted
-        self._applied_network = not any(map(is_static, links))
         LOG.info(
             "order (%s): %s",
             plan.profile or "nothing to manage",
             ", ".join(map(str, plan.upstreams)) or "none",
         )
-        self.tunnel.set_upstreams(plan.upstreams, profile=plan.profile, routes=routes)
+        try:
+            self.tunnel.set_upstreams(plan.upstreams, profile=plan.profile, routes=routes)
+        except UsageError as exc:  # a limit the policy did not know of: never the engine's end
+            LOG.error("the tunnel refused the order (%s); the one in use is kept", exc)
+            return
+        self.applied = wanted
+        self._applied_network = not any(map(is_static, links))
         by_if = {link.ifname: link.network_id for link in links}
         for link_name, net in by_if.items():
             mine = [str(c.upstream) for c in plan.choices if c.ifname == link_name and c.upstream]

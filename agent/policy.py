@@ -12,6 +12,7 @@ spelled out (last, after every private one), and the tunnel adds nothing.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -34,10 +35,17 @@ from agent.model import (
     Source,
     UpstreamSpec,
 )
+from agent.tunnel.settings import MAX_UPSTREAMS  # light: the tunnel's limit, not the tunnel
 
 MAX_PINS_SEEN = 8
 KEY_STABLE_PROBES = 3  # a changed key is warned about until seen in this many probes in a row
 SUSPECT_REPROBE_MIN = 30.0  # a resolver the tunnel saw fail is re-probed at most this often
+# What a network hands out is bounded before it costs anything: a plan never holds more than
+# the tunnel takes (MAX_UPSTREAMS, the best ones), starts at most so many probes per network at
+# a time (the rest when they end), and takes so many search domains per interface.
+MAX_PROBES_PER_NETWORK = 16
+MAX_LINK_DOMAINS = 32  # as many as the system stub takes (sysconf.request.MAX_DOMAINS)
+OVER_THE_LIMIT = f"over the limit of {MAX_UPSTREAMS}: not used"
 _STRICTNESS = {Profile.OPPORTUNISTIC: 0, Profile.ENCRYPTED: 1, Profile.STRICT: 2}
 
 
@@ -50,6 +58,7 @@ class Alert(StrEnum):
     PORTAL_BLOCKED = "portal-blocked"  # strict/encrypted behind a portal: no DNS until allowed
     TUNNEL_CLEARTEXT = "tunnel-cleartext"  # at run time: every private path failed, cleartext now
     TUNNEL_DOWN = "tunnel-down"  # at run time: nothing answers, no DNS
+    TOO_MANY = "too-many"  # more resolvers (or search domains) than are used: the rest left out
 
 
 TUNNEL = "tunnel"  # the `ifname` of warnings about the whole machine's tunnel
@@ -276,7 +285,7 @@ def search_domains(links: Iterable[Link]) -> tuple[str, ...]:
     their resolvers are preferred, each once (routing-only `~domain`s are not searched)."""
     out: dict[str, None] = {}
     for link in sorted((x for x in links if x.up), key=_link_rank):
-        for d in link.domains:
+        for d in link.domains[:MAX_LINK_DOMAINS]:
             name = d.strip().rstrip(".").lower()
             if name and not name.startswith("~"):
                 out.setdefault(name)
@@ -395,10 +404,7 @@ def decide(
     for link, s, link_profile in active:
         d.link(link, s, link_profile, own_addresses)
     d.candidates.sort(key=lambda c: (c.tier >= 3, c.link_rank, c.tier, c.latency, c.index))
-    upstreams: list[UpstreamSpec] = []
-    for c in d.candidates:
-        if c.upstream not in upstreams:
-            upstreams.append(c.upstream)
+    upstreams = d.limit(list(dict.fromkeys(c.upstream for c in d.candidates)))
     d.tunnel(tunnel_mode, upstreams)
     return Plan(
         profile=machine,
@@ -428,6 +434,7 @@ class _Decider:
         self.joined = joined
         self.now = now
         self.probing = probing
+        self.probes_on = Counter(net for net, _ in probing)  # per network, running or asked
         self.candidates: list[_Candidate] = []
         self.choices: list[Choice] = []
         self.probes: list[ProbeRequest] = []
@@ -466,7 +473,8 @@ class _Decider:
             why = "network rejoined: revalidating what was learnt here"
         else:
             self.wake.append(k.probed_at + s.reprobe_interval)
-        if why:
+        if why and self.probes_on[net] < MAX_PROBES_PER_NETWORK:  # else later: an end re-plans
+            self.probes_on[net] += 1
             ps = probe_settings(self.machine, s, r, k)
             self.probes.append(ProbeRequest(net, link.ifname, r.address, ps, why))
 
@@ -474,6 +482,10 @@ class _Decider:
         machine = self.machine
         plain_ok = machine is Profile.OPPORTUNISTIC and s.cleartext_fallback
         usable = unknown = 0
+        if len(link.domains) > MAX_LINK_DOMAINS:
+            text = (f"{link.ifname} has {len(link.domains)} search domains: only the first "
+                    f"{MAX_LINK_DOMAINS} are used")  # fmt: skip
+            self.warn(Alert.TOO_MANY, link, None, text)
         for i, r in enumerate(_resolvers(link, s, own)):
             k = self.knowledge_of(link, r)
             self.maybe_probe(link, s, r, k)
@@ -527,6 +539,22 @@ class _Decider:
             text = f"{link.ifname}: no resolver does TLS; DNS goes out in cleartext (opportunistic)"
             self.warn(Alert.CLEARTEXT, link, None, text)
 
+    def limit(self, upstreams: list[UpstreamSpec]) -> list[UpstreamSpec]:
+        """The order holds what the tunnel takes: the best MAX_UPSTREAMS, in their order. The
+        rest is not used, and said so: a network handing out more is broken or hostile."""
+        if len(upstreams) <= MAX_UPSTREAMS:
+            return upstreams
+        left = set(upstreams[MAX_UPSTREAMS:])
+        self.candidates = [c for c in self.candidates if c.upstream not in left]
+        self.choices = [
+            Choice(c.ifname, c.address, None, OVER_THE_LIMIT) if c.upstream in left else c
+            for c in self.choices
+        ]
+        text = (f"{len(upstreams)} upstreams to choose from: the best {MAX_UPSTREAMS} are used, "
+                f"{len(left)} left out")  # fmt: skip
+        self.warnings.append(Warning(Alert.TOO_MANY, TUNNEL, None, text))
+        return upstreams[:MAX_UPSTREAMS]
+
     def knowledge_of(self, link: Link, r: NetResolver) -> Knowledge | None:
         return self.knowledge.get((link.network_id, r.address))
 
@@ -564,6 +592,9 @@ def _portal(
         names = [r.address for r in _resolvers(link, s, own) if r.source is not Source.STATIC]
         for a in names:
             up = UpstreamSpec(a, Method.UDP_PLAIN, 53)
+            if allowed and up not in ups and len(ups) >= MAX_UPSTREAMS:
+                choices.append(Choice(link.ifname, a, None, OVER_THE_LIMIT))
+                continue
             if allowed and up not in ups:
                 ups.append(up)
             if allowed:
@@ -584,6 +615,9 @@ def _portal(
             text = (f"captive portal on {link.ifname}: no DNS ({machine}); to log in, "
                     "run: dnstls-agent portal allow [--minutes N]")  # fmt: skip
             warnings.append(Warning(Alert.PORTAL_BLOCKED, link.ifname, None, text))
+    if left := sum(c.reason == OVER_THE_LIMIT for c in choices):
+        text = f"captive portal: {MAX_UPSTREAMS} of its resolvers used, {left} left out"
+        warnings.append(Warning(Alert.TOO_MANY, TUNNEL, None, text))
     profile = Profile.OPPORTUNISTIC if allowed else machine
     if allowed:
         reason = f"captive portal: {len(ups)} cleartext resolver(s) for the login"
@@ -604,7 +638,7 @@ def _routes(
         ups = tuple(c.upstream for c in candidates if c.ifname == link.ifname)
         if not ups:
             continue
-        for dom in link.domains:
+        for dom in link.domains[:MAX_LINK_DOMAINS]:
             domain = dom.strip(".").lower()
             if domain and domain not in {r.domain for r in routes}:
                 routes.append(Route(domain, ups))

@@ -29,7 +29,7 @@ from agent.tunnel.connection import UpstreamConn
 from agent.tunnel.events import Mode, NoTunnelEvents, TunnelEvents, UpstreamEvents
 from agent.tunnel.listeners import TcpListener, UdpListener
 from agent.tunnel.pending import Pending, Sink
-from agent.tunnel.settings import TunnelConfig
+from agent.tunnel.settings import MAX_UPSTREAMS, TunnelConfig
 from agent.tunnel.stats import TunnelStats
 from agent.tunnel.upstream import State, Upstream
 
@@ -42,8 +42,8 @@ __all__ = ["Mode", "Tunnel", "check_upstreams"]
 
 def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
     """An empty order is allowed: the tunnel then answers SERVFAIL (mode DOWN)."""
-    if len(specs) > 60:
-        raise UsageError(f"{len(specs)} upstreams; at most 60")
+    if len(specs) > MAX_UPSTREAMS:
+        raise UsageError(f"{len(specs)} upstreams; at most {MAX_UPSTREAMS}")
     for s in specs:
         if s.method is Method.UNREACHABLE:
             raise UsageError(f"upstream {s}: not a way to reach a resolver")

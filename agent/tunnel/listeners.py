@@ -1,4 +1,12 @@
-"""Where clients come in: UDP (batched reads on a socket we own) and TCP (pipelined frames)."""
+"""Where clients come in: UDP (batched reads on a socket we own) and TCP (pipelined frames).
+
+TCP slots are bounded (max_tcp_clients, a quarter of them per source address). A TCP client
+is active when it completed a query or waits for an answer, never for a byte alone: a
+connection that trickles bytes is idle, closed after tcp_client_idle, and the first to go
+when a new connection finds every slot taken (RFC 7766 6.2.3: the oldest idle one makes
+room). A new connection is refused only when no slot in its way is idle (waiting for an
+answer, or younger than FRESH and on its way to its first query).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ LOG = logging.getLogger(__name__)
 
 BATCH = 64  # datagrams read per wake-up
 RCVBUF = 4 * 1024 * 1024
+SOURCE_SHARE = 4  # one source address holds at most 1/SOURCE_SHARE of the TCP slots
+FRESH = 0.1  # s: a TCP client this new, or active this recently, is not dropped for another
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -98,26 +108,31 @@ class TcpClient(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.outstanding = 0
         self.paused = False
-        self.last_active = 0.0
+        self.last_active = 0.0  # the last whole query in or answer out (not any byte)
+        self.source = ""  # the client's address
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = typing.cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         self.last_active = self.tunnel.loop.time()
-        if len(self.server.clients) >= self.tunnel.cfg.max_tcp_clients:
+        peer = transport.get_extra_info("peername")
+        self.source = str(peer[0]) if peer else ""
+        if not self.server.make_room(self):
             self.tunnel.stats.tcp_refused += 1
             transport.abort()
             self.transport = None
             return
-        self.server.clients.add(self)
         self.tunnel.stats.tcp_clients += 1
         with contextlib.suppress(OSError):
             transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        wires = self.frames.feed(data)
+        if not wires:
+            return  # part of a query: not activity (a byte a second must not hold a slot)
         self.last_active = self.tunnel.loop.time()
         on_query = self.tunnel.on_query
-        for wire in self.frames.feed(data):
+        for wire in wires:
             on_query(wire, self, None)
         self.tunnel.flush()
         if self.outstanding >= self.tunnel.cfg.max_pending_per_client and self.transport:
@@ -144,7 +159,7 @@ class TcpClient(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.server.clients.discard(self)
+        self.server.forget(self)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -157,6 +172,8 @@ class TcpListener:
         self.host = host
         self.port = port
         self.clients: set[TcpClient] = set()
+        self.sources: dict[str, int] = {}  # clients per source address
+        self.evicted = 0  # idle clients closed to make room for a new one
         self.server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -168,6 +185,53 @@ class TcpListener:
             reuse_address=True,
             backlog=128,
         )
+
+    def make_room(self, new: TcpClient) -> bool:
+        """Take `new` in if there is a slot for it: within its source's share, and within
+        max_tcp_clients; else the oldest idle client (of that source, or anyone's) is closed
+        to make room. False: every slot in the way waits for an answer."""
+        limit = self.tunnel.cfg.max_tcp_clients
+        if self.sources.get(new.source, 0) >= max(1, limit // SOURCE_SHARE):
+            victim = self._oldest_idle(new.source, new.last_active)
+        elif len(self.clients) >= limit:
+            victim = self._oldest_idle(None, new.last_active)
+        else:
+            victim = new  # room enough
+        if victim is None:
+            return False
+        if victim is not new:
+            self.evicted += 1
+            LOG.debug("TCP client %s idle %.1f s: closed to make room for %s", victim.source,
+                      self.tunnel.loop.time() - victim.last_active, new.source)  # fmt: skip
+            self.forget(victim)
+            victim.close()
+        self.clients.add(new)
+        self.sources[new.source] = self.sources.get(new.source, 0) + 1
+        return True
+
+    def _oldest_idle(self, source: str | None, now: float) -> TcpClient | None:
+        """The client idle longest (no answer awaited), of `source` if given. One that holds
+        part of a query goes first (a client writes a query at once: a part kept waiting is
+        a trickle); one without, connected or active less than FRESH ago, is not taken at
+        all: a new client gets its chance to send its query (a burst of new connections
+        must not drop each other before anything was read from them)."""
+        idle = [
+            c
+            for c in self.clients
+            if c.outstanding == 0
+            and (source is None or c.source == source)
+            and (c.frames.pending or now - c.last_active >= FRESH)
+        ]
+        return min(idle, key=lambda c: (not c.frames.pending, c.last_active), default=None)
+
+    def forget(self, c: TcpClient) -> None:
+        if c in self.clients:
+            self.clients.remove(c)
+            n = self.sources[c.source] - 1
+            if n:
+                self.sources[c.source] = n
+            else:
+                del self.sources[c.source]
 
     def tick(self, now: float) -> None:
         idle = self.tunnel.cfg.tcp_client_idle

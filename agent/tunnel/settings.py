@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from agent.model import Profile, UpstreamSpec
 
 DEFAULT_LISTEN = (("127.0.0.153", 53),)
+MAX_UPSTREAMS = 60  # entries of one order: the tunnel refuses more; the policy never hands more
 
 
 @dataclass(frozen=True)

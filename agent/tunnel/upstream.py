@@ -2,10 +2,15 @@
 
     IDLE --query--> CONNECTING --ok--> UP --idle/clean close--> IDLE
                         |                 \\--reset/TLS error/silent--> BACKOFF
+                        |                 \\--2nd clean close in a row, unanswered--> BACKOFF
                         \\--error--> BACKOFF --backoff over--> CONNECTING (recovering)
 
 A recovering upstream gets no client queries until it is UP again; a clean close
-by the server (RFC 7766 allows it at any time) is not a failure. A slow answer is not
+by the server (RFC 7766 allows it at any time) is not a failure, but a server that
+closes connection after connection without answering anything at all (e.g. on reading
+a query) is: from the second such close in a row it is backed off like a failed one,
+longer with each (`unanswered`), so that it cannot make a reconnect storm. Backoffs
+double from backoff_min to backoff_max, each +-20 %. A slow answer is not
 one either: a connection is dead on evidence only. When it has been silent a while
 with queries out, a liveness probe (a query of its own) goes out on it, and only
 silence to that probe too counts as a failure; a slow query itself is waited for
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import time
 from collections.abc import Sequence
@@ -46,6 +52,7 @@ LOG = logging.getLogger(__name__)
 
 HELLO_NAME = "."  # the tunnel's own first query on a connection: learns edns-tcp-keepalive
 PROBE_NAME = "."  # the liveness probe: any resolver answers `. NS` from its cache at once
+JITTER = 0.2  # each backoff is its doubling step +-20 %: agents that fail together spread out
 _FAILURES = {f.value: f for f in Failure}
 
 
@@ -97,6 +104,7 @@ class Upstream:
         self.conn: UpstreamConn | None = None
         self.queue: list[Pending] = []  # waiting for CONNECTING to end
         self.failures = 0  # consecutive
+        self.unanswered = 0  # consecutive connections that ended before a single answer
         self.backoff_until = 0.0
         self.last_error = ""
         self.session: object | None = None  # ssl.SSLSession, for resumption
@@ -109,7 +117,7 @@ class Upstream:
         self._hello: Pending | None = None
         self._probe: Pending | None = None  # the liveness probe out now, if any
         self._probe_at = 0.0
-        self._fresh_session = False
+        self._first_answer = False  # the current connection has answered nothing yet
 
     def __repr__(self) -> str:
         return f"<Upstream {self.spec} {self.state}>"
@@ -286,7 +294,7 @@ class Upstream:
         self.recovering = False
         self.last_error = ""
         self.conn = conn
-        self._fresh_session = True
+        self._first_answer = True
         self._to(State.UP)
         resumed = conn.tls is not None and conn.tls.session_reused
         LOG.info("%s: connected%s", self.spec, " (session resumed)" if resumed else "")
@@ -297,7 +305,7 @@ class Upstream:
             if not p.done:
                 self.submit(p, now)
         self.events.wants_flush(conn)
-        if came_back:
+        if came_back and self.unanswered < 2:  # else: once it answers (`_answering`)
             self.events.recovered(self)
         self.events.changed(self)
 
@@ -323,11 +331,14 @@ class Upstream:
         self.failures += 1
         self.stats.failures += 1
         self.last_error = exc.detail
-        backoff = min(self.cfg.backoff_max, self.cfg.backoff_min * 2 ** (self.failures - 1))
+        # connections that end unanswered each count too (a handshake resets `failures`)
+        n = max(self.failures, self.unanswered - 1)
+        backoff = min(self.cfg.backoff_max, self.cfg.backoff_min * 2 ** (n - 1))
+        backoff *= random.uniform(1 - JITTER, 1 + JITTER)
         self.backoff_until = self.loop.time() + backoff
         self.recovering = False
         self._to(State.BACKOFF)
-        LOG.warning("%s: %s; not used for %.0f s", self.spec, exc.detail, backoff)
+        LOG.warning("%s: %s; not used for %.1f s", self.spec, exc.detail, backoff)
         queued = self.take_queue()
         self.events.failed(self, failure_of(exc), exc.detail)
         self.events.changed(self)
@@ -337,9 +348,8 @@ class Upstream:
     def _on_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
         if p is None:
             return  # late: its query timed out or moved on
-        if self._fresh_session and conn.tls is not None:
-            self._fresh_session = False  # tickets came with (or before) the first answer
-            self.session = conn.tls.session
+        if self._first_answer:
+            self._answering(conn)
         if p.sink is _NO_SINK:
             if p is self._hello:
                 self._hello = None
@@ -349,6 +359,18 @@ class Upstream:
             return
         conn.progress += 1
         self.events.answered(self, p, frame)
+
+    def _answering(self, conn: UpstreamConn) -> None:
+        """The first answer on `conn` (to a query of ours or a client's)."""
+        self._first_answer = False
+        if conn.tls is not None:
+            self.session = conn.tls.session  # tickets came with (or before) the first answer
+        if self.unanswered:
+            if self.unanswered > 1:  # it was backed off (and said failed) for it: not now
+                LOG.info("%s: answers again, after %d connections that did not",
+                         self.spec, self.unanswered)  # fmt: skip
+                self.events.recovered(self)
+            self.unanswered = 0
 
     def _on_datagram_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
         if p is None:
@@ -417,6 +439,14 @@ class Upstream:
     def _on_lost(self, conn: UpstreamConn, exc: TransportError) -> None:
         self.conn = None
         orphans = self._orphans(conn)
+        if self._first_answer:  # ended before a single answer (to its own queries too)
+            self.unanswered += 1
+            if isinstance(exc, Closed) and self.unanswered > 1:
+                # and again: backed off, not reconnected at once (that was a storm)
+                self.queue.extend(orphans)  # they move on along the order, not resent here
+                self._failed(Closed(f"{exc.detail} without answering anything, "
+                                    f"{self.unanswered} connections in a row"))  # fmt: skip
+                return
         if isinstance(exc, Closed) or conn.progress:
             # RFC 7766: servers may close at any time; not a failure. Nor is a connection
             # that answered and then died (reset, a TLS error, silence): the connection is

@@ -3,18 +3,22 @@
 Parsing is pure (text in, facts out); a missing or half-written file is not an
 error, just no facts. The watcher looks at modification times when inotify says a
 lease directory changed (a new lease is followed at once), and every 2 s anyway.
+Files are read and parsed in a worker thread (the event loop carries the tunnel's
+queries), in one pass, and only up to MAX_LEASE_FILE: a larger file is skipped, said.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.fsutil import UnsafePath, read_bounded
 from agent.inotify import Waker
 from agent.model import Link, NetResolver, Source
 
@@ -38,7 +42,9 @@ def _addresses(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-_BLOCK = re.compile(r"\blease6?\s*\{(.*?)\n\}", re.S)
+MAX_LEASE_FILE = 1024 * 1024  # bytes; dhclient compacts its file long before (~20 leases)
+
+_START = re.compile(r"\s*lease6?\s*\{(.*)")  # a block starts: `lease {`, `lease6 {`
 _IFACE = re.compile(r'^\s*interface\s+"([^"]+)"\s*;', re.M)
 
 
@@ -57,27 +63,48 @@ def _dhclient_domains(opts: dict[str, str]) -> tuple[str, ...]:
         search = name + search
     if not search:
         search = _names(opts.get("dhcp6.domain-search", ""), ",")
+    seen: set[str] = set()
     out: list[str] = []
     for d in search:
-        if d.lower() not in (o.lower() for o in out):
+        if d.lower() not in seen:
+            seen.add(d.lower())
             out.append(d)
     return tuple(out)
+
+
+def _blocks(text: str) -> Iterator[list[str]]:
+    """The complete lease blocks, one pass over the lines: from a `lease {` line to the next
+    line that starts with `}` (nested blocks' closers are indented). A block cut short by a
+    new `lease {` line (a torn write) is dropped; so is one never closed."""
+    block: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("}"):
+            if block is not None:
+                yield block
+            block = None
+            continue
+        start = _START.match(line)
+        if start is not None:
+            block = [start.group(1)]
+        elif block is not None:
+            block.append(line)
 
 
 def parse_dhclient(text: str) -> dict[str, Lease]:
     """dhclient.leases (v4 and v6): the last complete lease block per interface wins."""
     out: dict[str, Lease] = {}
-    for block in _BLOCK.findall(text):
-        m = _IFACE.search(block)
-        if not m:
-            continue
-        ifname = m.group(1)
+    for block in _blocks(text):
+        ifname = None
         opts: dict[str, str] = {}
-        for raw in block.splitlines():
+        for raw in block:
+            if ifname is None and (m := _IFACE.match(raw)):
+                ifname = m.group(1)
             line = raw.strip().rstrip(";")
             if line.startswith("option "):
                 name, _, value = line[len("option ") :].partition(" ")
                 opts[name] = value.strip()
+        if ifname is None:
+            continue
         dns = opts.get("domain-name-servers") or opts.get("dhcp6.name-servers") or ""
         out[ifname] = Lease(
             ifname,
@@ -134,11 +161,19 @@ def read_dirs(dirs: Iterable[Path]) -> dict[str, Link]:
         except OSError:
             continue
         for p in files:
+            if not (p.name.isdigit() or "lease" in p.name):
+                continue
             try:
-                text = p.read_text(errors="replace")
+                raw = read_bounded(p, MAX_LEASE_FILE)
                 mtime = p.stat().st_mtime
+            except UnsafePath as exc:  # over MAX_LEASE_FILE, a link, a FIFO: not read
+                LOG.warning("lease file skipped: %s", exc)
+                continue
             except OSError:
                 continue
+            if raw is None:
+                continue
+            text = raw.decode("utf-8", errors="replace")
             leases: list[Lease] = []
             if p.name.isdigit():
                 name = _ifname_of_index(p.name)
@@ -176,11 +211,27 @@ class LeaseWatcher:
         return tuple(sorted(out))
 
     def poll(self) -> bool:
+        """A look, here and now (tests, tools); `run` looks from a worker thread."""
         stamp = self._stamps()
         if stamp == self._stamp:
             return False
         self._stamp = stamp
         self.on_snapshot(read_dirs(self.dirs))
+        return True
+
+    def _look(self) -> tuple[tuple[tuple[str, float], ...], dict[str, Link] | None]:
+        """The stamps, and the leases when they changed (run in a worker thread)."""
+        stamp = self._stamps()
+        return stamp, None if stamp == self._stamp else read_dirs(self.dirs)
+
+    async def poll_off_loop(self) -> bool:
+        """`poll`, with the files read and parsed in a worker thread; `on_snapshot` is
+        called on the loop."""
+        stamp, links = await asyncio.to_thread(self._look)
+        if links is None:
+            return False
+        self._stamp = stamp
+        self.on_snapshot(links)
         return True
 
     async def run(self) -> None:
@@ -190,7 +241,7 @@ class LeaseWatcher:
         waker = Waker("DHCP lease files", self.dirs)
         try:
             while True:
-                self.poll()
+                await self.poll_off_loop()
                 await waker.wait(self.interval)
                 waker.add(self.dirs)
         finally:

@@ -74,6 +74,7 @@ class Fault(StrEnum):
     CLOSE_IN_FLIGHT = "close-in-flight"  # TLS: read IN_FLIGHT more queries, close unanswered
     DROP_TLS = "drop-tls"  # no TLS at all: 853 refused, TLS connections and TO queries reset;
     #                        plain DNS (UDP, TCP without TO) keeps answering
+    CLOSE_ON_QUERY = "close-on-query"  # TCP and TLS: read a query, close (FIN), answer nothing
 
 
 @dataclass(frozen=True)
@@ -501,6 +502,7 @@ class Peer:
         answering: set[asyncio.Task[None]] = set()
         received = 0
         struck = held = 0  # queries taken while a chaos fault is on; of those, held unanswered
+        unanswered = False  # CLOSE_ON_QUERY: a query was read; the connection closes
         self.open_connections += 1
         self._streams[writer] = via
         try:
@@ -512,6 +514,9 @@ class Peer:
                         return
                     self._record(via, query)
                     received += 1
+                    if Fault.CLOSE_ON_QUERY in self.config.faults:
+                        unanswered = True  # (the rest of what was read is recorded too)
+                        continue
                     if self.config.close_after is not None and received >= self.config.close_after:
                         # like a server with a per-connection query limit: answer what came
                         # before, close with this one (and any later ones) unanswered
@@ -532,6 +537,8 @@ class Peer:
                     task = asyncio.create_task(self._answer_tcp(writer, query, via))
                     answering.add(task)
                     task.add_done_callback(answering.discard)
+                if unanswered:
+                    return  # closed (FIN) below; answers under way are cancelled
                 data = await reader.read(65535)
                 if not data:
                     break

@@ -169,3 +169,35 @@ def test_broken_config_refused_at_start(world: World) -> None:
     out = w.cli("run")
     assert out.returncode == 2
     assert f"{w.config}:2: listen:" in out.stderr
+
+
+def test_hostile_configuration_strings(world: World) -> None:
+    """A NUL in a string: a reload is refused and systemd is told READY=1 again (not left
+    "reloading"); at start, `run` and `config check` refuse it with file:line (exit 2)."""
+    w = world
+    assert "READY=1" in w.messages(until="READY=1", wait=10), w.agent.tail()
+    good = w.config.read_text()
+    lines = good.splitlines()
+
+    def spoilt(bad: str) -> tuple[str, int]:
+        key = bad.split(" ", maxsplit=1)[0]
+        line = next(n for n, text in enumerate(lines, 1) if text.startswith(key + " "))
+        w.config.write_text("\n".join(bad if n == line else t for n, t in enumerate(lines, 1)))
+        return key, line
+
+    spoilt('ca_file = "/etc/hosts\\u0000"')  # os.access raised ValueError in the reload
+    w.agent.popen.send_signal(signal.SIGHUP)
+    told = w.messages(until="READY=1", wait=5)
+    assert told[told.index("RELOADING=1") :][:2] == ["RELOADING=1", "READY=1"], told
+    assert w.agent.alive() and "configuration not reloaded" in w.agent.log.read_text()
+    deadline = time.monotonic() + 10
+    while dig(w) != WWW_A and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dig(w) == WWW_A  # still serving, with the old configuration
+    w.agent.stop()
+    for bad in ('lease_dirs = ["/x\\u0000"]', 'ca_file = "/etc/hosts\\u0000"'):
+        key, line = spoilt(bad)
+        for args in (("config", "check"), ("run",)):
+            out = w.cli(*args)
+            assert out.returncode == 2, (args, out.stderr)
+            assert f"{w.config}:{line}: {key}: " in out.stderr and "Traceback" not in out.stderr

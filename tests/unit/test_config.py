@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
+from agent import cli, config
 from agent.config import ConfigError, ConfigProfile
 from agent.model import Method
 
@@ -171,3 +171,88 @@ def test_combinations_that_cannot_work_are_refused(tmp_path: Path, text: str, pr
 )
 def test_combinations_that_work(tmp_path: Path, text: str) -> None:
     config.load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ('state_dir = "/x\\u0000"', "state_dir", "NUL"),
+        ('lease_dirs = ["/x\\u0000"]', "lease_dirs", "NUL"),
+        ('ca_file = "/etc/hosts\\u0000"', "ca_file", "NUL"),  # os.access raised ValueError
+        ('auth_name = "dns\\u0000.example"', "auth_name", "NUL"),
+        ('nm_bus = "unix:path=/x\\u0000"', "nm_bus", "NUL"),
+        ('static_resolvers = ["198.51.100.1#a\\u0000"]', "static_resolvers", "NUL"),
+        ('auth_name = "dns\\n.example"', "auth_name", "control character"),
+        ('runtime_dir = "/run/\\u001b[31m"', "runtime_dir", "control character"),
+        ('lease_dirs = ["var/lib/dhcp"]', "lease_dirs", "absolute"),
+        ('lease_dirs = [""]', "lease_dirs", "absolute"),
+        ('state_dir = ""', "state_dir", "absolute"),
+        ('listen = ["127.0.0.1:\\u0665\\u0663"]', "listen", "not a port"),
+        ('listen = ["127.0.0.1:99999"]', "listen", "not a port"),
+        ('static_resolvers = ["198.51.100.1@\\u0665\\u0663"]', "static_resolvers", "ASCII"),
+        ("auth_name = '" + "a" * 5000 + "'", "auth_name", "characters at most"),
+        (
+            '[[interface]]\nmatch_ssid = "x"\nmatch_name = "eth\\u0000"',
+            "interface.match_name",
+            "NUL",
+        ),
+        (
+            '[[interface]]\nmatch_name = "x"\nmatch_ssid = "Caf\\u0000"',
+            "interface.match_ssid",
+            "NUL",
+        ),
+    ],
+)
+def test_strings_with_what_makes_no_sense_are_refused(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    p = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(p)
+    (pr,) = err.value.problems
+    assert (pr.line, pr.key) == (text.count("\n") + 1, key) and problem in pr.message, pr
+
+
+def test_text_that_makes_sense_is_kept(tmp_path: Path) -> None:
+    p = write(tmp_path, '[[interface]]\nmatch_ssid = "Café\\tbar"\nprofile = "strict"\n')
+    assert config.load(p).for_link("wlan0", ssid="Café\tbar").profile is ConfigProfile.STRICT
+
+
+def test_config_check_reports_a_nul_as_a_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = write(tmp_path, 'profile = "strict"\nca_file = "/etc/hosts\\u0000"\n')
+    assert cli.main(["config", "check", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:2: ca_file: " in err and "Traceback" not in err
+
+
+def test_a_reload_that_fails_in_any_way_is_refused_and_ready_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """systemd is told READY=1 after every RELOADING=1, or it shows "reloading" for ever."""
+    from agent import daemon, sdnotify  # noqa: PLC0415 - the daemon's imports are heavy
+
+    told: list[str] = []
+
+    def notify(message: str) -> bool:
+        told.append(message)
+        return True
+
+    monkeypatch.setattr(sdnotify, "notify", notify)
+    p = write(tmp_path, 'profile = "strict"\n')
+    good = config.load(p)
+    d = daemon.Daemon(good, p)
+    write(tmp_path, 'profile = "strict"\nlease_dirs = ["/x\\u0000"]\n')
+    d.reload()
+    assert told == ["RELOADING=1", "READY=1"] and d.cfg is good
+    assert f"{p}:2: lease_dirs" in caplog.text
+
+    def unforeseen(path: Path | None = None) -> config.Config:
+        raise ValueError("embedded null byte")
+
+    monkeypatch.setattr(config, "load", unforeseen)
+    told.clear()
+    d.reload()
+    assert told == ["RELOADING=1", "READY=1"] and d.cfg is good
+    assert "configuration not reloaded" in caplog.text and "embedded null byte" in caplog.text

@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import dns.asyncquery
+import dns.message
 import pytest
 
 from agent.config import Config, ConfigProfile, LinkSettings
@@ -32,9 +34,10 @@ from agent.model import (
 from agent.policy import SUSPECT_REPROBE_MIN, Alert, Warning
 from agent.state import Store
 from agent.tunnel.forwarder import Tunnel
-from agent.tunnel.settings import TunnelConfig
+from agent.tunnel.settings import MAX_UPSTREAMS, TunnelConfig
 from agent.watchers.nm import NMSnapshot
-from tests.conftest import run
+from tests.conftest import Certs, run
+from tests.lab.peer import PEER_A, Peer, PeerConfig
 
 A, B = "198.51.100.1", "198.51.100.2"
 PIN = "pOXrpUt9kgPgbWxBFFcBTbRH2heo2wHwXp1fd4AEVXI="
@@ -437,5 +440,70 @@ def test_a_moment_without_the_network_is_held_not_handed_to_the_statics(tmp_path
             ]
         finally:
             await stopped(tunnel, task)
+
+    run(go())
+
+
+# -- hostile networks: a lease naming more resolvers than the tunnel takes ----------------------
+
+
+def test_a_lease_with_more_resolvers_than_the_tunnel_takes_never_stops_it(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """A rogue DHCP server naming 70 resolvers: the best 60 are used, the rest said so, and
+    the engine (and the tunnel it feeds) keeps serving."""
+
+    async def go() -> None:
+        cfgp = PeerConfig(host="0.0.0.0", cert=certs.good.cert, key=certs.good.key)
+        async with Peer(cfgp) as p:
+            assert p.tls_port is not None
+            addrs = [f"127.0.1.{i}" for i in range(1, 71)]  # loopback: all reach the peer
+            prober = FakeProber(dict.fromkeys(addrs, Method.TLS_PORT), delay=0.001)
+            engine, tunnel, task = await started(tmp_path, prober, cfg())
+            try:
+                rs = tuple(NetResolver(a, None, p.tls_port, source=Source.LEASE) for a in addrs)
+                engine.on_leases({"eth0": Link("eth0", resolvers=rs)})
+                await settle(engine, rounds=200)
+                assert not task.done(), task.exception()
+                assert engine.plan is not None and len(engine.plan.upstreams) == MAX_UPSTREAMS
+                assert sorted(prober.calls) == sorted(addrs)  # every one probed, in turns
+                st = engine.status()
+                reasons = [r["reason"] for r in st["interfaces"][0]["resolvers"]]
+                assert reasons.count(f"over the limit of {MAX_UPSTREAMS}: not used") == 10
+                assert [w["alert"] for w in st["warnings"]] == [Alert.TOO_MANY.value]
+                q = dns.message.make_query("www.example.test", "A")
+                host, port = tunnel.addresses[0]
+                r = await dns.asyncquery.udp(q, host, port=port, timeout=3)
+                assert r.answer and r.answer[0][0].address == PEER_A  # still serving
+            finally:
+                await stopped(tunnel, task)
+
+    run(go())
+
+
+class RefusingTunnel:
+    """A tunnel that refuses every order (a limit the policy did not know)."""
+
+    def set_upstreams(self, specs: object, **kw: object) -> None:
+        raise UsageError("61 upstreams; at most 60")
+
+    def status(self) -> dict[str, object]:
+        return {}
+
+
+def test_an_order_the_tunnel_refuses_is_logged_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def go() -> None:
+        engine = Engine(cfg(), RefusingTunnel(), Store(tmp_path), prober=FakeProber({}))
+        task = asyncio.create_task(engine.run())
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+            await settle(engine)
+            assert not task.done() and engine.applied is None
+            assert "the tunnel refused the order" in caplog.text
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     run(go())

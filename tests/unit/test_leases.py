@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
+
+import pytest
 
 from agent.inotify import Waker
 from agent.model import Link
@@ -119,3 +122,99 @@ def test_dhclient_search_list_is_the_one_dhclient_script_writes() -> None:
     assert domains('  option domain-name "lab.test";\n') == ("lab.test",)
     assert domains('  option dhcp6.domain-search "v6.test.";\n') == ("v6.test",)
     assert domains("") == ()
+
+
+# -- hostile input: bounded time, bounded size, off the event loop -----------------------------
+
+
+def test_unclosed_lease_lines_parse_in_linear_time() -> None:
+    """125 KiB of `lease {` lines that never close took seconds (a regex that rescans to
+    the end from every one); one pass takes milliseconds. A correctness bound, not a bench."""
+    text = "lease {\n" * (125 * 1024 // len("lease {\n"))
+    t0 = time.perf_counter()
+    assert leases.parse_dhclient(text) == {}
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_a_long_search_list_parses_in_linear_time() -> None:
+    names = ", ".join(f'"d{i}.test."' for i in range(12000))  # ~150 KiB, every name new
+    text = f'lease {{\n  interface "eth0";\n  option domain-search {names};\n}}\n'
+    t0 = time.perf_counter()
+    got = leases.parse_dhclient(text)["eth0"].domains
+    assert time.perf_counter() - t0 < 0.5
+    assert len(got) == 12000 and got[:2] == ("d0.test", "d1.test")
+
+
+def test_a_torn_block_does_not_swallow_the_next_one() -> None:
+    """A block cut short (a torn write) followed by a complete one: the complete one counts."""
+    good = (DATA / "dhclient.eth0.leases").read_text()
+    torn = 'lease {\n  interface "eth9";\n  option domain-name-servers 192.0.2.9;\n'
+    assert leases.parse_dhclient(torn + good) == leases.parse_dhclient(good)
+    assert leases.parse_dhclient("lease {\n" * 100 + good) == leases.parse_dhclient(good)
+
+
+def test_normal_lease_files_parse_as_before() -> None:
+    """The one-pass parser gives what the block regex gave on a well-formed file, whole."""
+    got = leases.parse_dhclient((DATA / "dhclient.eth0.leases").read_text())
+    assert got == {
+        "eth0": leases.Lease(
+            "eth0", ("203.0.113.53",), ("lab.example", "corp.example"),
+            "198.51.100.1", "198.51.100.1",
+        ),
+        "wlan0": leases.Lease("wlan0", ("203.0.113.1",), (), "203.0.113.1", None),
+        "eth1": leases.Lease(
+            "eth1", ("2001:db8::53", "2001:db8::54"), ("v6.example",),
+            "0:1:0:1:aa:bb:cc:dd:ee:ff:0:1", None,
+        ),
+    }  # fmt: skip
+
+
+def test_an_oversized_lease_file_is_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = (DATA / "dhclient.eth0.leases").read_text()
+    (tmp_path / "dhclient.eth0.leases").write_text(good)
+    big = tmp_path / "dhclient.eth7.leases"
+    big.write_text(good.replace("eth", "big") + "#" * leases.MAX_LEASE_FILE)
+    with caplog.at_level(logging.WARNING, logger=leases.LOG.name):
+        links = leases.read_dirs([tmp_path])
+    assert set(links) == {"eth0", "wlan0", "eth1"}  # the big one's leases are not read
+    assert any(str(big) in r.getMessage() for r in caplog.records)
+
+
+def test_parsing_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow parse (here made slow on purpose) does not hold up the event loop, which
+    also carries every DNS query of the tunnel."""
+    (tmp_path / "dhclient.eth0.leases").write_text((DATA / "dhclient.eth0.leases").read_text())
+    parse = leases.parse_dhclient
+
+    def slow(text: str) -> dict[str, leases.Lease]:
+        time.sleep(0.5)
+        return parse(text)
+
+    monkeypatch.setattr(leases, "parse_dhclient", slow)
+
+    async def go() -> None:
+        got = asyncio.Event()
+        seen: list[dict[str, Link]] = []
+
+        def on_snapshot(links: dict[str, Link]) -> None:
+            seen.append(links)
+            got.set()
+
+        w = leases.LeaseWatcher([str(tmp_path)], on_snapshot, interval=60)
+        task = asyncio.create_task(w.run())
+        lag = 0.0
+        try:
+            while not got.is_set():
+                t0 = time.monotonic()
+                await asyncio.sleep(0.01)
+                lag = max(lag, time.monotonic() - t0)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert set(seen[-1]) == {"eth0", "wlan0", "eth1"}
+        assert lag < 0.25  # the loop kept turning while the file was parsed
+
+    run(go(), timeout=10)

@@ -29,6 +29,7 @@ from agent.model import (
     Path as ProbePath,
 )
 from agent.policy import Alert
+from agent.tunnel.settings import MAX_UPSTREAMS
 
 A, B, C = "198.51.100.1", "198.51.100.2", "203.0.113.3"
 T0 = 1_000_000.0
@@ -527,3 +528,70 @@ def test_machine_wide_statics_only_while_no_interface_is_managed() -> None:
     assert policy.decide(once, c, {}, T0) == policy.decide([], c, {}, T0)
     # a real interface called "static" is not taken for it
     assert not policy.is_static(link("static", A))
+
+
+# -- hostile networks: more resolvers and domains than anything should hand out -------------------
+
+
+def many(n: int) -> list[str]:
+    return [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(n)]
+
+
+def test_more_resolvers_than_the_tunnel_takes_keeps_the_best_and_says_so() -> None:
+    addrs = many(MAX_UPSTREAMS + 1)
+    ln = link("eth0", *addrs)
+    best = know(ln, addrs[-1], Method.TLS_PORT, Auth.IP_SAN)  # the last one handed out
+    plan = policy.decide([ln], conf(), kmap(best), T0)
+    assert len(plan.upstreams) == MAX_UPSTREAMS == 60
+    assert plan.upstreams[0] == UpstreamSpec(addrs[-1])  # the best, first
+    assert [u.address for u in plan.upstreams[1:]] == addrs[:59]  # then in its order
+    (left,) = [c for c in plan.choices if c.upstream is None]
+    assert (left.address, left.reason) == (addrs[59], "over the limit of 60: not used")
+    (w,) = plan.warnings
+    assert w.alert is Alert.TOO_MANY and "61" in w.text and "60" in w.text
+    assert "60 upstream(s)" in plan.reason
+
+
+def test_the_limit_counts_the_cleartext_fallbacks_and_keeps_them_last() -> None:
+    addrs = many(40)
+    ln = link("eth0", *addrs)
+    ks = kmap(*(know(ln, a, Method.TLS_UPGRADE, Auth.NONE, plain=Method.TCP_PLAIN) for a in addrs))
+    plan = policy.decide([ln], conf(), ks, T0)
+    assert len(plan.upstreams) == 60
+    assert all(u.private for u in plan.upstreams[:40])
+    assert not any(u.private for u in plan.upstreams[40:])
+    dropped = [c for c in plan.choices if c.upstream is None]
+    assert len(dropped) == 20 and {c.address for c in dropped} == set(addrs[20:])
+
+
+def test_probes_per_network_are_bounded_the_rest_later() -> None:
+    addrs = many(100)
+    ln = link("eth0", *addrs)
+    plan = policy.decide([ln], conf(), {}, T0)
+    first = [p.address for p in plan.probes]
+    assert first == addrs[: policy.MAX_PROBES_PER_NETWORK]
+    running = {(ln.network_id, a) for a in first[:10]}  # ten still running, six ended
+    later = policy.decide([ln], conf(), {}, T0, probing=running)
+    assert len(later.probes) == policy.MAX_PROBES_PER_NETWORK - 10
+    other = link("wlan0", *many(3), connection_uuid="u-2")  # another network has its own
+    both = policy.decide([ln, other], conf(), {}, T0, probing=running)
+    assert sum(p.network == other.network_id for p in both.probes) == 3
+
+
+def test_a_captive_portal_with_too_many_resolvers_stays_within_the_limit() -> None:
+    plan = policy.decide([link("wlan0", *many(70))], conf(), {}, T0, connectivity="portal")
+    assert len(plan.upstreams) == MAX_UPSTREAMS
+    assert sum(c.upstream is None for c in plan.choices) == 10
+    assert [w.alert for w in plan.warnings] == [Alert.PORTAL, Alert.TOO_MANY]
+
+
+def test_search_domains_per_interface_are_bounded() -> None:
+    doms = tuple(f"d{i}.example" for i in range(200))
+    eth = link("eth0", A, domains=doms, vpn=True)
+    wl = link("wlan0", B, domains=("home.example",), priority=600, connection_uuid="u-2")
+    search = policy.search_domains([eth, wl])
+    assert search == (*doms[: policy.MAX_LINK_DOMAINS], "home.example")
+    plan = policy.decide([eth, wl], conf(), {}, T0)
+    assert [r.domain for r in plan.routes] == list(doms[: policy.MAX_LINK_DOMAINS])
+    (w,) = [w for w in plan.warnings if w.alert is Alert.TOO_MANY]
+    assert w.ifname == "eth0" and "200" in w.text

@@ -777,3 +777,54 @@ def test_without_an_alt_path_a_stalled_handshake_is_a_failure(certs: Certs) -> N
                 assert t.mode is Mode.DOWN
 
     run(go())
+
+
+# -- hostile upstreams ----------------------------------------------------------------------------
+
+
+def test_a_server_closing_on_every_query_is_backed_off_not_stormed(certs: Certs) -> None:
+    """The server reads each query and closes, answering nothing, while clients keep asking
+    (for 2 s). Consecutive closes without an answer back the upstream off (backoff_min
+    doubling to backoff_max, jittered) instead of a connection per query; only client
+    queries are resent, once, never the tunnel's own; the pending count is exact after
+    every query. Once the server answers again, so does the upstream, and the count of
+    unanswered connections starts over."""
+
+    async def go() -> None:
+        events = Events()
+        async with (
+            peer(certs.good, Fault.CLOSE_ON_QUERY) as p,
+            tunnel(tls_up(p), events=events, backoff_min=0.1, backoff_max=0.4) as t,
+        ):
+            cpu0, t0 = time.process_time(), time.monotonic()
+            asked = 0
+            while time.monotonic() - t0 < 2.0:
+                r = await ask(t, f"q{asked}.test", wait=2)
+                asked += 1
+                assert r.rcode() == dns.rcode.SERVFAIL and t.pending == 0
+                await asyncio.sleep(0.02)
+            cpu = time.process_time() - cpu0
+            assert asked > 20  # SERVFAIL comes at once while backed off
+            assert 4 <= p.connections <= 12, p.connections  # was 138 (two per query)
+            assert cpu < 0.6, cpu  # tunnel, peer and clients: 0.1 s; the storm took 0.6 s
+            hellos = [s for s in p.seen if s.qname == "." and s.qtype == "NS"]
+            assert len(hellos) <= p.handshakes  # one per connection: never resent
+            for i in range(asked):
+                assert [s.qname for s in p.seen].count(f"q{i}.test.") <= 2  # resent once at most
+            up = t.upstreams[0]
+            assert up.state in (State.BACKOFF, State.CONNECTING, State.UP)
+            assert {f for _, f, _ in events.failed} == {Failure.CLOSED}
+            assert Mode.DOWN in events.modes
+            # the server answers again: back in use within a backoff, counting from zero
+            await p.set_faults([])
+            for _ in range(30):
+                r = await ask(t, "back.test", wait=2)
+                assert t.pending == 0
+                if r.rcode() == dns.rcode.NOERROR:
+                    break
+                await asyncio.sleep(0.05)
+            assert a_of(r) == PEER_A
+            assert up.unanswered == 0 and up.state is State.UP and t.mode is Mode.PRIVATE
+            assert events.recovered == [tls_up(p)]
+
+    run(go())
