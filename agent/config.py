@@ -573,7 +573,8 @@ def _key_lines(text: str) -> tuple[dict[str, int], list[tuple[int, dict[str, int
     top: dict[str, int] = {}
     sections: list[tuple[int, dict[str, int]]] = []
     current: dict[str, int] | None = None
-    for n, line in enumerate(text.splitlines(), 1):
+    # TOML's lines end at \n only (splitlines would also break at U+2028 in a string)
+    for n, line in enumerate(text.split("\n"), 1):
         if h := _HEADER.match(line):
             current = {}
             if h.group(1) == "interface":

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import re
 import socket
 import struct
 from collections import Counter
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import AgentError, UsageError
+from agent.jsondepth import too_deep
 
 if TYPE_CHECKING:  # the server runs in the daemon; the commands that only ask skip asyncio
     import asyncio
@@ -127,9 +127,6 @@ def may(command: str, peer: Peer, own_uid: int, admin_gid: int | None) -> bool:
 
 # -- what is asked -----------------------------------------------------------------------------
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_BRACKET = re.compile(rb"[][{}]")
-
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
@@ -138,11 +135,8 @@ def _no_constant(name: str) -> Any:
 def parse(line: bytes) -> dict[str, Any]:
     """One request: a JSON object nested at most MAX_DEPTH deep, checked before json.loads,
     whose recursion some thousand brackets exhaust. Errors are UsageError."""
-    depth = 0
-    for m in _BRACKET.finditer(_STRING.sub(b"", line)):
-        depth += 1 if m.group() in (b"[", b"{") else -1
-        if depth > MAX_DEPTH:
-            raise UsageError(f"nested deeper than {MAX_DEPTH}")
+    if too_deep(line, MAX_DEPTH):
+        raise UsageError(f"nested deeper than {MAX_DEPTH}")
     try:
         request = json.loads(line, parse_constant=_no_constant)
     except ValueError as exc:  # UnicodeDecodeError too

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsutil import write_atomic
+from agent.jsondepth import too_deep
 from agent.model import Auth, AuthSource, Knowledge, Method, Order
 
 LOG = logging.getLogger(__name__)
@@ -164,34 +164,12 @@ def _decode(d: object) -> Knowledge:
     return Knowledge(**values)
 
 
-_TOKEN = re.compile(r'\\.|["\[\]{}]', re.DOTALL)  # an escape pair, a quote, a bracket
-
-
-def _too_deep(text: str) -> bool:
-    """Whether lists and objects nest deeper than MAX_DEPTH (strings aside): json.loads
-    recurses as deep as they go. Linear, and it stops at the first level too many."""
-    depth, in_string = 0, False
-    for m in _TOKEN.finditer(text):
-        c = m.group()
-        if c == '"':
-            in_string = not in_string
-        elif in_string or len(c) == 2:
-            continue
-        elif c in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return True
-        else:
-            depth -= 1
-    return False
-
-
 def _reject_constant(name: str) -> float:
     raise Corrupt(f"{name} is not a number JSON knows")
 
 
 def _parse(raw: str) -> State:
-    if _too_deep(raw):
+    if too_deep(raw, MAX_DEPTH):
         raise Corrupt(f"nested more than {MAX_DEPTH} deep")
     data = json.loads(raw, parse_constant=_reject_constant)
     if not isinstance(data, dict) or data.get("version") != VERSION:

@@ -146,7 +146,9 @@ def pad_query(buf: bytes, info: QueryInfo, block: int = PAD_BLOCK) -> tuple[byte
     """Pad a query to `block` bytes (RFC 7830/8467) unless it is padded or signed.
 
     A query without EDNS gets an OPT record (so it can carry padding); the second
-    value says so, and the answer's OPT must then be removed (`strip_opt`).
+    value says so, and the answer's OPT must then be removed (`strip_opt`). A query that
+    padding would take past a message's limit (or its OPT's) goes as it is: padding is a
+    SHOULD, a query that cannot be sent is not an option.
     """
     if info.padded or info.signed:
         return buf, False
@@ -154,6 +156,8 @@ def pad_query(buf: bytes, info: QueryInfo, block: int = PAD_BLOCK) -> tuple[byte
         rdlen_at = info.opt_start + 9
         rdlen = (buf[rdlen_at] << 8) | buf[rdlen_at + 1]
         option = _padding(len(buf), block)
+        if len(buf) + len(option) > MAX_MESSAGE or rdlen + len(option) > 0xFFFF:
+            return buf, False
         return (
             buf[:rdlen_at]
             + struct.pack("!H", rdlen + len(option))
@@ -164,6 +168,8 @@ def pad_query(buf: bytes, info: QueryInfo, block: int = PAD_BLOCK) -> tuple[byte
     ar = (buf[10] << 8) | buf[11]
     opt_fixed = b"\x00" + RR_FIXED.pack(TYPE_OPT, EDNS_PAYLOAD, 0, 0)
     option = _padding(len(buf) + len(opt_fixed), block)
+    if len(buf) + len(opt_fixed) + len(option) > MAX_MESSAGE or ar == 0xFFFF:
+        return buf, False
     opt = b"\x00" + RR_FIXED.pack(TYPE_OPT, EDNS_PAYLOAD, 0, len(option)) + option
     return buf[:10] + struct.pack("!H", ar + 1) + buf[12:] + opt, True
 

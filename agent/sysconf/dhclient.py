@@ -29,7 +29,9 @@ from agent.sysconf.request import MAX_DOMAINS, domain
 
 LOG = logging.getLogger(__name__)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL, C1 and Unicode's line and paragraph separators: none belongs in resolv.conf
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_IFNAME = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")  # what the kernel takes as an interface name
 _NAMESERVER = re.compile(r"^\w*[Nn][Aa][Mm][Ee][Ss][Ee][Rr][Vv][Ee][Rr]")  # the script's sed
 
 
@@ -66,8 +68,16 @@ def _search(env: Mapping[str, str], name: str) -> str:
     return _words(name, _value(env, name), domain, MAX_DOMAINS)
 
 
+def _address(word: str) -> None:
+    """ValueError unless `word` is an IP address (an IPv6 one may carry %SCOPE)."""
+    address, sep, scope = word.partition("%")
+    ipaddress.ip_address(address)
+    if sep and not _IFNAME.fullmatch(scope):
+        raise ValueError(f"{word!r}: not a scope")
+
+
 def _servers(env: Mapping[str, str], name: str) -> str:
-    return _words(name, _value(env, name), lambda w: ipaddress.ip_address(w.split("%")[0]), 16)
+    return _words(name, _value(env, name), _address, 16)
 
 
 def render(env: Mapping[str, str], old: str = "") -> str | None:
@@ -102,8 +112,10 @@ def render(env: Mapping[str, str], old: str = "") -> str | None:
         lines.append(f"search {search6}")
     if servers6:
         interface = _value(env, "interface")
+        if not _IFNAME.fullmatch(interface):
+            interface = ""  # no scope rather than one of the environment's choosing
         for ns in servers6.split():
-            scope = f"%{interface}" if ns.lower().startswith("fe80::") else ""
+            scope = f"%{interface}" if ns.lower().startswith("fe80::") and interface else ""
             lines.append(f"nameserver {ns}{scope}")
     else:
         lines += _old_nameservers(old)

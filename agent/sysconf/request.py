@@ -26,6 +26,7 @@ from pathlib import Path
 
 from agent.errors import AgentError
 from agent.fsutil import UnsafePath, read_bounded, write_atomic
+from agent.jsondepth import too_deep
 
 NAME = "stub-request.json"
 VERSION = 1
@@ -77,7 +78,7 @@ def read(runtime_dir: Path) -> Request | None:
         raise RequestError(f"{where}: {exc.strerror}") from exc
     if raw is None:
         return None
-    if depth(raw) > MAX_DEPTH:
+    if too_deep(raw, MAX_DEPTH):
         raise RequestError(f"{where}: nested deeper than {MAX_DEPTH}")
     try:
         data = json.loads(raw)
@@ -96,26 +97,3 @@ def read(runtime_dir: Path) -> Request | None:
         raise RequestError(f"{where}: {exc}") from exc
     reason = data.get("reason")
     return Request(checked, reason[:200] if isinstance(reason, str) else "")
-
-
-def depth(raw: bytes) -> int:
-    """How deep JSON text nests (brackets outside strings), before parsing it: json.loads
-    recurses, and a megabyte of `[` must be an error, not a RecursionError."""
-    deepest = level = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            level += 1
-            deepest = max(deepest, level)
-        elif byte in (0x5D, 0x7D):
-            level -= 1
-    return deepest

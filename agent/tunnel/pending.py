@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from agent.dns.packet import MAX_MESSAGE, QueryInfo, pad_query
+from agent.dns.packet import QueryInfo, pad_query
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -74,8 +74,6 @@ class Pending:
         """The query padded (RFC 7830, 8467), for TLS only: in cleartext, padding MUST NOT be
         used (RFC 7830 section 6), so it is made when a query first goes into TLS. A query
         that padding would grow past a DNS message's limit goes as it is."""
-        q, added = pad_query(self.query, self.info)
-        if len(q) > MAX_MESSAGE:
-            q, added = self.query, False
+        q, added = pad_query(self.query, self.info)  # as it is when padding cannot fit
         self.padded, self.added_opt = q, added
         return q
