@@ -28,6 +28,7 @@ import struct
 import sys
 import time
 import typing
+import weakref
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -75,6 +76,10 @@ class Fault(StrEnum):
     DROP_TLS = "drop-tls"  # no TLS at all: 853 refused, TLS connections and TO queries reset;
     #                        plain DNS (UDP, TCP without TO) keeps answering
     CLOSE_ON_QUERY = "close-on-query"  # TCP and TLS: read a query, close (FIN), answer nothing
+    # Hostile answers (tests/lab/hostile.py), on TCP and TLS connections, switchable too:
+    GARBAGE_FRAMES = "garbage-frames"  # each answer: a frame of random bytes, no DNS message
+    ECHO = "echo"  # each answer: the query itself, sent back as it came
+    HUGE_LENGTH = "huge-length"  # a frame header announcing 65535 bytes, 8 bytes, then silence
 
 
 @dataclass(frozen=True)
@@ -210,6 +215,7 @@ class Peer:
         self._tls_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._streams: dict[asyncio.StreamWriter, str] = {}  # open TCP/TLS connections: via
+        self._silenced: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()  # HUGE_LENGTH
         self.switched: list[tuple[float, frozenset[Fault]]] = []  # (monotonic, faults) at run time
 
     # -- lifecycle ----------------------------------------------------------
@@ -587,7 +593,15 @@ class Peer:
                 0, 0, 1232, options=[dns.edns.GenericOption(dns.edns.OptionType.KEEPALIVE, timeout)]
             )
         wire = self._wire(response)
-        if writer.is_closing():
+        if writer.is_closing() or writer in self._silenced:
+            return
+        if Fault.GARBAGE_FRAMES in self.config.faults:
+            wire = os.urandom(len(wire))
+        elif Fault.ECHO in self.config.faults:
+            wire = query.to_wire()
+        elif Fault.HUGE_LENGTH in self.config.faults:
+            self._silenced.add(writer)  # nothing more on this connection: the frame never ends
+            writer.write(struct.pack("!H", 65535) + os.urandom(8))
             return
         if Fault.TRUNCATED in self.config.faults:
             writer.write(frame(wire)[: len(wire) // 2])
