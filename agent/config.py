@@ -634,7 +634,8 @@ def _read_one(path: Path, problems: list[Problem]) -> tuple[dict[str, Any], list
         return {}, []
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        at = int(m.group(1)) if m else len(text.splitlines()) or 1  # "at end of document"
+        # "at end of document": the last line (TOML's lines end at \n only)
+        at = int(m.group(1)) if m else len(text.rstrip("\n").split("\n"))
         problems.append(Problem(name, at, "", f"not valid TOML: {exc}"))
         return {}, []
     top_lines, sections = _key_lines(text)
