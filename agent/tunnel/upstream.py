@@ -375,6 +375,8 @@ class Upstream:
     def _on_datagram_answer(self, conn: UpstreamConn, p: Pending | None, frame: bytes) -> None:
         if p is None:
             return
+        if self._first_answer:  # (as on a stream: the count of unanswered ends here too)
+            self._answering(conn)
         if not p.retransmits:
             self.rtt.sample(time.monotonic() - p.sent)
         if (
