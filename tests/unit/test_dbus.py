@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent import dbus
+from tests.conftest import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 LIBRARIES = {"dbus-next": "dbus_next", "dbus-fast": "dbus_fast"}
@@ -61,7 +62,7 @@ def test_unknown_library_is_refused_by_name() -> None:
 def test_import_follows_the_choice(library: str) -> None:
     module = LIBRARIES[library]
     if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{library} is not installed (python3-{library}); nothing to choose")
+        missing(f"{library} is not installed (python3-{library}); nothing to choose")
     probe = (
         "import json, agent.dbus as d;"
         f"print(json.dumps([d.IMPLEMENTATION] + [getattr(d, n).__module__ for n in {NAMES!r}]))"
