@@ -27,6 +27,7 @@ from agent.model import (
     UpstreamSpec,
     parse_pin,
 )
+from agent.tunnel.cache import CacheSettings
 from agent.tunnel.settings import DEFAULT_LISTEN, TunnelConfig
 
 LOG = logging.getLogger(__name__)
@@ -188,6 +189,11 @@ def _add_probe(sub: Sub) -> None:
     p.add_argument("--tls-port", type=_port, default=ProbeSettings.tls_port, metavar="PORT")
     p.add_argument("--dns-port", type=_port, default=ProbeSettings.dns_port, metavar="PORT")
     p.add_argument("--no-resumption", action="store_true", help="skip the session-resumption check")
+    p.add_argument(
+        "--no-ddr",
+        action="store_true",
+        help="do not ask for designated resolvers (_dns.resolver.arpa SVCB, RFC 9462)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_probe)
 
@@ -254,6 +260,14 @@ def _add_tunnel(sub: Sub) -> None:
     )
     t.add_argument("--no-fastopen", action="store_true", help="no TCP Fast Open to upstreams")
     t.add_argument("--no-padding", action="store_true", help="do not pad queries (RFC 8467)")
+    t.add_argument("--no-cache", action="store_true", help="answer nothing from a cache")
+    t.add_argument(
+        "--cache-size",
+        type=int,
+        default=CacheSettings.max_entries,
+        metavar="N",
+        help="answers the cache holds at most (default %(default)s)",
+    )
     t.add_argument(
         "--loop",
         choices=["asyncio", "uvloop"],
@@ -322,6 +336,7 @@ def _add_daemon(sub: Sub) -> None:
     for name, text in (
         ("status", "show what the running agent knows and does"),
         ("reprobe", "ask the running agent to probe every resolver again now"),
+        ("flush-caches", "empty the tunnel's cache of answers"),
     ):
         sp = sub.add_parser(name, help=text, description=text)
         sp.add_argument(
@@ -329,7 +344,9 @@ def _add_daemon(sub: Sub) -> None:
         )
         if name == "status":
             sp.add_argument("--json", action="store_true", help="print JSON")
-        sp.set_defaults(func=cmd_status if name == "status" else cmd_reprobe)
+        sp.set_defaults(
+            func={"status": cmd_status, "reprobe": cmd_reprobe}.get(name, cmd_flush_caches)
+        )
     pt = sub.add_parser(
         "portal",
         help="captive portals: allow the network's own DNS for the login (strict, encrypted)",
@@ -551,6 +568,12 @@ def cmd_reprobe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_flush_caches(args: argparse.Namespace) -> int:
+    answer = control.ask(_socket(args), {"command": "flush-caches"})
+    print(f"{answer.get('flushed', 0)} answer(s) dropped from the cache")
+    return EXIT_OK
+
+
 def cmd_notify(args: argparse.Namespace) -> int:
     request = {"command": "notify", "interface": args.interface, "action": args.action}
     try:
@@ -589,11 +612,31 @@ def format_status(st: dict[str, Any]) -> str:
         for r in link["resolvers"]:
             lat = f"{r['latency_ms']:.1f}ms" if r.get("latency_ms") is not None else "-"
             how = " ".join(x for x in (r.get("method"), r.get("auth")) if x) or "unknown"
+            if r.get("auth_source") and r.get("auth") not in (None, "none"):
+                how += f" ({r['auth_source']})"
             use = "used" if r["used"] else "not used"
             probing = " (probing)" if r.get("probing") else ""
-            lines.append(f"  {r['address']:<39} {how:<20} {lat:>8}  {use}: {r['reason']}{probing}")
+            origin = r.get("origin") or "-"
+            lines.append(
+                f"  {r['address']:<39} {origin:<10} {how:<20} {lat:>8}  {use}: {r['reason']}"
+                f"{probing}"
+            )
+            for d in r.get("designated") or ():
+                lines.append(f"    designates (DDR) {d}")
     for w in st.get("warnings", []):
         lines.append(f"WARNING {w['alert']}: {w['text']}")
+    cache = tunnel.get("cache")
+    if cache:
+        asked = cache["hits"] + cache["misses"]
+        ratio = f" ({100 * cache['hits'] / asked:.0f}%)" if asked else ""
+        lines.append(
+            f"cache: {cache['entries']} answers, {cache['bytes'] // 1024} KiB; "
+            f"{cache['hits']} hits{ratio}, {cache['misses']} misses"
+            + (f", {cache['stale_served']} stale" if cache.get("stale_served") else "")
+            + (f", {cache['prefetches']} prefetched" if cache.get("prefetches") else "")
+        )
+    elif "cache" in tunnel:
+        lines.append("cache: off")
     for up in tunnel.get("upstreams", []):
         p50 = up.get("p50_ms")
         lines.append(
@@ -680,11 +723,27 @@ def format_table(results: Sequence[ProbeResult]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     for r in results:
+        lines.extend(f"  {r.address} DDR: {line}" for line in _ddr_lines(r))
         for path, why in r.failures.items():
             lines.append(f"  {r.address} {path}: {why}")
         if not r.acceptable:
             lines.append(f"  {r.address}: no private path acceptable under the {r.profile} profile")
     return "\n".join(lines)
+
+
+def _ddr_lines(r: ProbeResult) -> list[str]:
+    """What the resolver designated for itself (DDR, RFC 9462), and whether it may be used."""
+    if r.ddr is None:
+        return ["not asked"]
+    if not r.ddr.designations:
+        return [f"none ({r.ddr.failure})" if r.ddr.failure else "none"]
+    lines = []
+    for d in r.ddr.designations:
+        host = f"[{d.address}]" if ":" in d.address else d.address
+        used = ", the port path's" if r.tls_port == d.port and d.address == r.address else ""
+        verdict = d.reason if d.usable else f"not used: {d.reason}"
+        lines.append(f"dot {d.adn}@{host}:{d.port}{used}, {verdict}")
+    return lines
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -710,6 +769,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         tls_port=args.tls_port,
         dns_port=args.dns_port,
         check_resumption=not args.no_resumption,
+        ddr=not args.no_ddr,
     )
     results = asyncio.run(probe_many(args.addresses, settings))
     if args.json:
@@ -738,6 +798,7 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
         query_timeout=args.query_timeout,
         fastopen=not args.no_fastopen,
         pad=not args.no_padding,
+        cache=None if args.no_cache else CacheSettings(max_entries=max(1, args.cache_size)),
     )
     loop_factory = None
     if args.loop == "uvloop":

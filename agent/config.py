@@ -269,6 +269,82 @@ OPTIONS: tuple[Option, ...] = (
         _seconds(1, 30),
         "5",
     ),
+    # -- the tunnel's cache ----------------------------------------------------------------------
+    Option(
+        "cache",
+        bool,
+        True,
+        Scope.GLOBAL,
+        "Answer repeated questions from the tunnel's cache. It is emptied when the network "
+        "changes, never serves an answer learnt in cleartext once the profile forbids "
+        "cleartext, and keeps split-DNS routes apart.",
+        None,
+        "true",
+    ),
+    Option(
+        "cache_size",
+        int,
+        10000,
+        Scope.GLOBAL,
+        "Answers the cache holds at most.",
+        _int_range(1, 1_000_000),
+        "10000",
+    ),
+    Option(
+        "cache_max_bytes",
+        int,
+        8 * 1024 * 1024,
+        Scope.GLOBAL,
+        "Bytes the cache holds at most (the answers and a per-entry estimate of their cost).",
+        _int_range(65536, 1 << 30),
+        "8388608",
+    ),
+    Option(
+        "cache_min_ttl",
+        int,
+        0,
+        Scope.GLOBAL,
+        "Seconds an answer is kept at least, whatever its TTL says.",
+        _int_range(0, 3600),
+        "0",
+    ),
+    Option(
+        "cache_max_ttl",
+        int,
+        86400,
+        Scope.GLOBAL,
+        "Seconds an answer is kept at most.",
+        _int_range(1, 7 * 86400),
+        "86400",
+    ),
+    Option(
+        "cache_max_negative_ttl",
+        int,
+        3600,
+        Scope.GLOBAL,
+        "Seconds a negative answer (NXDOMAIN, no data; RFC 2308) is kept at most.",
+        _int_range(0, 86400),
+        "3600",
+    ),
+    Option(
+        "serve_stale",
+        int,
+        0,
+        Scope.GLOBAL,
+        "Seconds past its expiry an answer may still be given, with a TTL of 30, when no "
+        "resolver answers (RFC 8767); 0: never.",
+        _int_range(0, 7 * 86400),
+        "0",
+    ),
+    Option(
+        "prefetch",
+        bool,
+        True,
+        Scope.GLOBAL,
+        "Ask again for a popular name shortly before its answer expires.",
+        None,
+        "true",
+    ),
     Option(
         "split_dns",
         bool,
@@ -392,6 +468,16 @@ OPTIONS: tuple[Option, ...] = (
         "1800",
     ),
     Option(
+        "ddr",
+        bool,
+        True,
+        Scope.LINK,
+        "Ask each resolver the network names for its designated encrypted resolvers "
+        "(_dns.resolver.arpa SVCB, RFC 9462) and use them first.",
+        None,
+        "true",
+    ),
+    Option(
         "cleartext_fallback",
         bool,
         True,
@@ -460,6 +546,7 @@ class LinkSettings:
     fallback_delay: float = 0.25
     negative_cache: float = 3600.0
     reprobe_interval: float = 1800.0
+    ddr: bool = True
     cleartext_fallback: bool = True
 
 
@@ -498,6 +585,14 @@ class Config:
     idle_timeout: float = 60.0
     query_timeout: float = 5.0
     split_dns: bool = False
+    cache: bool = True
+    cache_size: int = 10000
+    cache_max_bytes: int = 8 * 1024 * 1024
+    cache_min_ttl: int = 0
+    cache_max_ttl: int = 86400
+    cache_max_negative_ttl: int = 3600
+    serve_stale: int = 0
+    prefetch: bool = True
     defaults: LinkSettings = LinkSettings()
     interfaces: tuple[InterfaceRule, ...] = ()
 

@@ -29,6 +29,7 @@ from agent.policy import Warning
 from agent.state import Store
 from agent.sysconf import request as stub_request
 from agent.sysconf.watch import ResolvConfWatch
+from agent.tunnel.cache import CacheSettings
 from agent.tunnel.events import Mode
 from agent.tunnel.forwarder import Tunnel
 from agent.tunnel.settings import TunnelConfig
@@ -37,6 +38,21 @@ from agent.watchers.netlink import NetlinkWatcher
 from agent.watchers.nm import NMWatcher
 
 LOG = logging.getLogger(__name__)
+
+
+def cache_settings(cfg: Config) -> CacheSettings | None:
+    """The tunnel's cache as configured (None: off)."""
+    if not cfg.cache:
+        return None
+    return CacheSettings(
+        max_entries=cfg.cache_size,
+        max_bytes=cfg.cache_max_bytes,
+        min_ttl=cfg.cache_min_ttl,
+        max_ttl=cfg.cache_max_ttl,
+        max_negative_ttl=cfg.cache_max_negative_ttl,
+        serve_stale=cfg.serve_stale,
+        prefetch=cfg.prefetch,
+    )
 
 
 class Daemon:
@@ -66,6 +82,7 @@ class Daemon:
                 idle_timeout=cfg.idle_timeout,
                 query_timeout=cfg.query_timeout,
                 fallback_delay=cfg.defaults.fallback_delay,
+                cache=cache_settings(cfg),
             ),
             events=self,
         )
@@ -282,6 +299,9 @@ class Daemon:
         if command == "reprobe":
             engine.reprobe()
             return {"ok": True}
+        if command == "flush-caches":
+            assert self.tunnel is not None
+            return {"ok": True, "flushed": self.tunnel.flush_cache("asked by flush-caches")}
         raise UsageError(f"unknown command {command!r}")
 
     async def stop(self) -> None:

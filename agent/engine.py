@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from agent.config import Config
 from agent.errors import UsageError
 from agent.model import (
+    Designation,
     Failure,
     Link,
     ProbeResult,
@@ -36,9 +37,11 @@ from agent.policy import (
     Plan,
     ProbeRequest,
     Warning,
+    cache_networks,
     decide,
     is_static,
     learn,
+    link_resolvers,
     search_domains,
     settings_for,
     tunnel_failed,
@@ -65,6 +68,8 @@ class TunnelControl(Protocol):
     ) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
+
+    def flush_cache(self, why: str) -> int: ...
 
 
 class LinkTable:
@@ -145,6 +150,7 @@ class Engine:
         self._limit = asyncio.Semaphore(config.max_parallel_probes)
         self._save_due = False
         self.decisions = 0
+        self.cache_networks: frozenset[str] | None = None  # what the tunnel's cache was filled on
 
     def machine_links(self) -> list[Link]:
         """The watchers' links and, when none is managed, the machine-wide statics'
@@ -271,6 +277,7 @@ class Engine:
         )
         self.plan = plan
         self.decisions += 1
+        self._follow_cache(links)
         self._apply(plan, links)
         if self.held_until is None:  # a held plan is carried out once the hold ends
             for req in plan.probes:
@@ -313,6 +320,15 @@ class Engine:
             if mine and self.state.orders.get(net) != mine:
                 self.state.orders[net] = mine
                 self._save_due = True
+
+    def _follow_cache(self, links: list[Link]) -> None:
+        nets = cache_networks(links)
+        if not nets or nets == self.cache_networks:
+            return  # none for a moment (re-activating): answers are not carried anywhere
+        if self.cache_networks is not None:
+            was = ", ".join(sorted(self.cache_networks)) or "none"
+            self.tunnel.flush_cache(f"network changed: {was} -> {', '.join(sorted(nets))}")
+        self.cache_networks = nets
 
     def _in_use(self, plan: Plan | None) -> Sequence[UpstreamSpec]:
         """The order the tunnel has: the plan's, or the one kept while held."""
@@ -411,7 +427,7 @@ class Engine:
         for link in links:
             s = settings_for(self.config, link)
             resolvers = []
-            for r in link.resolvers:
+            for r in link_resolvers(link, self.config, self.state.knowledge, self.own):
                 k = self.state.knowledge.get((link.network_id, r.address))
                 choice = next(
                     (
@@ -423,6 +439,10 @@ class Engine:
                 )
                 resolvers.append({
                     "address": r.address,
+                    "origin": r.origin.value,
+                    "auth_name": r.auth_name,
+                    "port": k.tls_port if k and k.tls_port else r.port,
+                    "designated": [_designation(d) for d in (k.designated if k else ())],
                     "method": k.method.value if k else None,
                     "auth": k.auth.value if k and k.auth else None,
                     "auth_source": k.auth_source.value if k and k.auth_source else None,
@@ -459,3 +479,8 @@ class Engine:
             "interfaces": out_links,
             "tunnel": self.tunnel.status(),
         }
+
+
+def _designation(d: Designation) -> str:
+    how = "verified" if d.verified else "opportunistic"
+    return f"{d.adn}@{d.address}:{d.port} ({how})"

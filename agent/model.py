@@ -215,6 +215,10 @@ class ProbeSettings:
     tls_port: int = 853
     dns_port: int = 53
     check_resumption: bool = True
+    # ask the resolver for its designated encrypted resolvers first (DDR, RFC 9462: the
+    # `_dns.resolver.arpa` SVCB query, in cleartext, names nothing of the user's)
+    ddr: bool = True
+    ddr_timeout: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,52 @@ class PathOutcome:
     rcode: str | None = None
 
 
+class Origin(StrEnum):
+    """How a resolver was designated: shown in `status`, and designated ones (DNR, DDR)
+    come before the plain addresses in the order."""
+
+    DHCP = "dhcp"  # DHCPv4 option 6, DHCPv6 DNS servers
+    RA = "ra"  # an IPv6 router advertisement's RDNSS
+    DNR = "dnr"  # an encrypted resolver the network designated (RFC 9463: DHCP 162, 144; RA 144)
+    DDR = "ddr"  # an encrypted resolver a resolver designated for itself (RFC 9462)
+    CONFIGURED = "configured"  # the configuration, or a connection profile's own DNS
+    NETWORK = "network"  # handed out by the network, by a means the watcher cannot tell
+
+
+@dataclass(frozen=True)
+class Designation:
+    """An encrypted resolver that a resolver designated for itself (DDR, RFC 9462 section 4):
+    one SVCB ServiceMode record of `_dns.resolver.arpa` with ALPN "dot", one address of it.
+
+    `verified`: its certificate, validated against the CA bundle, names `adn` and carries
+    the designating resolver's IP address (Verified Discovery, section 4.2): `adn` then
+    authenticates it under strict. An unverified one is usable only at the designating
+    resolver's own address, and only when that address is private or local
+    (Opportunistic Discovery, section 4.3); it is then authenticated by nothing but what
+    the address itself can prove."""
+
+    address: str
+    port: int = 853
+    adn: str = ""  # the SVCB TargetName, without the trailing dot
+    priority: int = 1
+    verified: bool = False
+    usable: bool = False  # as the RFC allows (verified, or opportunistic at the same address)
+    reason: str = ""  # why (not) usable, for humans
+
+
+@dataclass(frozen=True)
+class DdrResult:
+    """What asking a resolver for `_dns.resolver.arpa` SVCB gave."""
+
+    asked: bool = False
+    designations: tuple[Designation, ...] = ()
+    failure: str = ""  # no answer, NXDOMAIN, malformed...; "" when it answered
+
+    @property
+    def usable(self) -> tuple[Designation, ...]:
+        return tuple(d for d in self.designations if d.usable)
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     """Everything learnt about one resolver in one probe."""
@@ -269,6 +319,8 @@ class ProbeResult:
     udp_to_hint: bool | None  # None: no UDP answer
     paths: tuple[PathOutcome, ...] = field(default=())
     auth_source: AuthSource | None = None  # where what authenticated it came from
+    ddr: DdrResult | None = None  # None: DDR not asked
+    tls_port: int | None = None  # the port TLS was found on when not 853 (a DDR designation's)
 
     @property
     def failures(self) -> dict[str, str]:
@@ -303,8 +355,10 @@ class NetResolver:
     address: str
     auth_name: str | None = None  # NM's "ADDR#name" or dns+tls://ADDR#name
     port: int | None = None  # a port given with dns+tls://ADDR:PORT
-    tls: bool = False  # the network said it speaks DNS over TLS (dns+tls://)
+    tls: bool = False  # the network said it speaks DNS over TLS (dns+tls://, DNR, DDR)
     source: Source = Source.NM
+    origin: Origin = Origin.NETWORK
+    priority: int = 0  # DNR's service priority (lower first); 0 for the others
 
     @classmethod
     def parse(cls, text: str, source: Source = Source.NM) -> NetResolver:
@@ -327,6 +381,11 @@ class NetResolver:
         host = host.split("%")[0]  # fe80::1%eth0: the scope is the link's
         address = str(ipaddress.ip_address(host))
         return cls(address, name or None, port, tls, source)
+
+    @property
+    def designated(self) -> bool:
+        """Designated as an encrypted resolver (DNR, DDR): before the plain addresses."""
+        return self.origin in (Origin.DNR, Origin.DDR)
 
 
 @dataclass(frozen=True)
@@ -387,6 +446,8 @@ class Knowledge:
     suspect_at: float = 0.0  # the running tunnel's connection to it failed then
     suspect: str = ""  # ... and why
     auth_source: AuthSource | None = None  # where what authenticated it came from, last probe
+    designated: tuple[Designation, ...] = ()  # what DDR found usable, last probe
+    tls_port: int | None = None  # TLS on this port, not 853 (a DDR designation at its address)
 
     @property
     def key(self) -> tuple[str, str]:

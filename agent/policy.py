@@ -28,6 +28,7 @@ from agent.model import (
     Method,
     NetResolver,
     Order,
+    Origin,
     Path,
     ProbeResult,
     ProbeSettings,
@@ -143,7 +144,7 @@ def _managed(link: Link, s: LinkSettings) -> bool:
 
 
 def _static_resolver(u: UpstreamSpec) -> NetResolver:
-    return NetResolver(u.address, u.auth_name, u.port, True, Source.STATIC)
+    return NetResolver(u.address, u.auth_name, u.port, True, Source.STATIC, Origin.CONFIGURED)
 
 
 def with_statics(links: Iterable[Link], config: Config) -> list[Link]:
@@ -162,6 +163,13 @@ def with_statics(links: Iterable[Link], config: Config) -> list[Link]:
     if any(_managed(link, settings_for(config, link)) for link in out):
         return out
     return [*out, Link(STATIC, resolvers=tuple(_static_resolver(u) for u in statics))]
+
+
+def cache_networks(links: Iterable[Link]) -> frozenset[str]:
+    """The networks the tunnel's answers come from: the up links with resolvers. When this
+    changes (to something, not to nothing for a moment), the cache is emptied: no answer is
+    carried from one network to the next."""
+    return frozenset(link.network_id for link in links if link.up and link.resolvers)
 
 
 # -- learning ------------------------------------------------------------------------------------
@@ -213,6 +221,8 @@ def learn(
         suspect_at=0.0,
         suspect="",
         auth_source=result.auth_source,
+        designated=result.ddr.usable if result.ddr is not None else (),
+        tls_port=result.tls_port,
     )
 
 
@@ -268,6 +278,7 @@ def tunnel_order(
 @dataclass(frozen=True)
 class _Candidate:
     link_rank: tuple[int, int, int, str]
+    designated: int  # 0: designated as an encrypted resolver (DNR, DDR): before the others
     tier: int  # 0 authenticated TLS, 1 TLS, 2 not probed yet (TLS tried), 3 cleartext
     latency: float
     index: int
@@ -292,16 +303,54 @@ def search_domains(links: Iterable[Link]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _resolvers(link: Link, s: LinkSettings, own: Collection[str]) -> list[NetResolver]:
+def _resolvers(
+    link: Link,
+    s: LinkSettings,
+    own: Collection[str],
+    knowledge: Mapping[tuple[str, str], Knowledge] | None = None,
+) -> list[NetResolver]:
+    """The link's resolvers as they are used: the encrypted resolvers the network designated
+    (DNR) first, as the watchers put them; before each resolver, those it designated for
+    itself at other addresses and this agent may use (DDR: verified, `learn`); then the
+    others; then the configured statics. Each address once (the first, most designated,
+    form wins), none ignored or of the agent's own."""
     out: list[NetResolver] = []
     seen: set[str] = set()
     statics = [_static_resolver(u) for u in s.static_resolvers]
     for r in [*link.resolvers, *statics]:
-        if r.address in seen or r.address in s.ignore_resolvers or r.address in own:
-            continue
-        seen.add(r.address)
-        out.append(r)
+        for x in [*_ddr_resolvers(link, r, knowledge), r]:
+            if x.address in seen or x.address in s.ignore_resolvers or x.address in own:
+                continue
+            seen.add(x.address)
+            out.append(x)
     return out
+
+
+def _ddr_resolvers(
+    link: Link, r: NetResolver, knowledge: Mapping[tuple[str, str], Knowledge] | None
+) -> list[NetResolver]:
+    """What `r` designated for itself at other addresses (DDR), as usable as the RFC allows:
+    only verified ones get there (`Designation.usable`), and their name authenticates them
+    as a name the network handed out does. One at its own address is `r` on another TLS
+    port: the probe of `r` finds it there (`Knowledge.tls_port`)."""
+    k = knowledge.get((link.network_id, r.address)) if knowledge and not r.designated else None
+    if k is None:
+        return []
+    return [
+        NetResolver(d.address, d.adn or None, d.port, True, r.source, Origin.DDR, d.priority)
+        for d in sorted(k.designated, key=lambda d: d.priority)
+        if d.usable and d.verified and d.address != r.address
+    ]
+
+
+def link_resolvers(
+    link: Link,
+    config: Config,
+    knowledge: Mapping[tuple[str, str], Knowledge],
+    own: Collection[str] = (),
+) -> list[NetResolver]:
+    """The resolvers of one link as the plan uses them (for `status`)."""
+    return _resolvers(link, settings_for(config, link), own, knowledge)
 
 
 def auth_name(s: LinkSettings, r: NetResolver) -> tuple[str | None, AuthSource]:
@@ -344,20 +393,27 @@ def probe_settings(
         timeout=s.probe_timeout,
         connect_timeout=s.connect_timeout,
         fallback_delay=s.fallback_delay,
+        # DDR's question (_dns.resolver.arpa SVCB, in cleartext) names nothing of the user's:
+        # asked of every resolver the network named, not of a designated or configured one
+        ddr=s.ddr and not r.designated and r.source is not Source.STATIC,
         **port_kw,  # type: ignore[arg-type]
     )
 
 
-def _upstream(r: NetResolver, s: LinkSettings, method: Method) -> UpstreamSpec:
+def _upstream(
+    r: NetResolver, s: LinkSettings, method: Method, k: Knowledge | None = None
+) -> UpstreamSpec:
     """A private entry may race the resolver's other TLS path when its own is slow to finish
     the handshake (happy eyeballs, as in the probe): same resolver, same authentication,
-    nothing in cleartext but the STARTTLS dummy."""
-    port = (r.port or 853) if method is Method.TLS_PORT else 53
+    nothing in cleartext but the STARTTLS dummy. TLS goes to the port the probe found it on
+    (a DDR designation's at the resolver's own address), else the network's, else 853."""
+    tls_port = (k.tls_port if k is not None else None) or r.port or 853
+    port = tls_port if method is Method.TLS_PORT else 53
     alt: tuple[Method, int] | None = None
     if method is Method.TLS_PORT:
         alt = (Method.TLS_UPGRADE, 53)
     elif method is Method.TLS_UPGRADE:
-        alt = (Method.TLS_PORT, r.port or 853)
+        alt = (Method.TLS_PORT, tls_port)
     name, source = auth_name(s, r)
     return UpstreamSpec(
         r.address, method, port, name, s.pins, s.ca_file, alt=alt, name_source=source
@@ -403,7 +459,9 @@ def decide(
     d = _Decider(machine, now, probing, knowledge, joined or {})
     for link, s, link_profile in active:
         d.link(link, s, link_profile, own_addresses)
-    d.candidates.sort(key=lambda c: (c.tier >= 3, c.link_rank, c.tier, c.latency, c.index))
+    d.candidates.sort(
+        key=lambda c: (c.tier >= 3, c.link_rank, c.designated, c.tier, c.latency, c.index)
+    )
     upstreams = d.limit(list(dict.fromkeys(c.upstream for c in d.candidates)))
     d.tunnel(tunnel_mode, upstreams)
     return Plan(
@@ -445,10 +503,10 @@ class _Decider:
         self.warnings.append(Warning(alert, link.ifname, address, text))
 
     def use(self, link: Link, profile: Profile, i: int, up: UpstreamSpec, tier: int,
-            latency: float, reason: str) -> None:  # fmt: skip
-        self.candidates.append(
-            _Candidate(_link_rank(link), tier, latency, i, up, link.ifname, profile)
-        )
+            latency: float, reason: str, *, designated: bool = False) -> None:  # fmt: skip
+        rank = _link_rank(link)
+        first = 0 if designated else 1
+        self.candidates.append(_Candidate(rank, first, tier, latency, i, up, link.ifname, profile))
         self.choices.append(Choice(link.ifname, up.address, up, reason))
 
     def skip(self, link: Link, address: str, reason: str) -> None:
@@ -478,6 +536,16 @@ class _Decider:
             ps = probe_settings(self.machine, s, r, k)
             self.probes.append(ProbeRequest(net, link.ifname, r.address, ps, why))
 
+    def key_changed(self, link: Link, r: NetResolver, k: Knowledge | None) -> None:
+        if (
+            k is not None
+            and len(k.pins_seen) > 1
+            and k.pin == k.pins_seen[-1]
+            and k.pin_stable < KEY_STABLE_PROBES
+        ):
+            text = f"{r.address} on {link.ifname} shows another key than before on this network"
+            self.warn(Alert.KEY_CHANGED, link, r.address, text)
+
     def link(self, link: Link, s: LinkSettings, profile: Profile, own: Collection[str]) -> None:
         machine = self.machine
         plain_ok = machine is Profile.OPPORTUNISTIC and s.cleartext_fallback
@@ -486,21 +554,16 @@ class _Decider:
             text = (f"{link.ifname} has {len(link.domains)} search domains: only the first "
                     f"{MAX_LINK_DOMAINS} are used")  # fmt: skip
             self.warn(Alert.TOO_MANY, link, None, text)
-        for i, r in enumerate(_resolvers(link, s, own)):
+        for i, r in enumerate(_resolvers(link, s, own, self.knowledge)):
             k = self.knowledge_of(link, r)
+            origin = f" ({r.origin})" if r.designated else ""
             self.maybe_probe(link, s, r, k)
-            if (
-                k is not None
-                and len(k.pins_seen) > 1
-                and k.pin == k.pins_seen[-1]
-                and k.pin_stable < KEY_STABLE_PROBES
-            ):
-                text = f"{r.address} on {link.ifname} shows another key than before on this network"
-                self.warn(Alert.KEY_CHANGED, link, r.address, text)
+            self.key_changed(link, r, k)
             if k is None:
                 unknown += 1
                 up = _upstream(r, s, Method.TLS_PORT)
-                self.use(link, profile, i, up, 2, math.inf, "not probed yet: TLS on 853 first")
+                why = f"not probed yet: TLS on {up.port} first{origin}"
+                self.use(link, profile, i, up, 2, math.inf, why, designated=r.designated)
                 continue
             if k.method.private:
                 authenticated = k.auth is not None and k.auth is not Auth.NONE
@@ -509,8 +572,10 @@ class _Decider:
                     continue
                 how = f"authenticated by {k.auth}" if authenticated else "not authenticated"
                 lat = k.latency_ms if k.latency_ms is not None else math.inf
-                up = _upstream(r, s, k.method)
-                self.use(link, profile, i, up, 0 if authenticated else 1, lat, f"{k.method}, {how}")
+                up = _upstream(r, s, k.method, k)
+                why = f"{k.method}, {how}{origin}"
+                self.use(link, profile, i, up, 0 if authenticated else 1, lat, why,
+                         designated=r.designated)  # fmt: skip
                 usable += 1
                 if plain_ok and k.plain is not None:
                     why = (f"{k.plain} fallback: only once every private path failed "
@@ -530,8 +595,11 @@ class _Decider:
             if k.negative_until > self.now:
                 reason += f"; not asked again for {k.negative_until - self.now:.0f} s"
             self.skip(link, r.address, f"{reason}; the {machine} profile does not use it")
-        if usable or unknown:
-            return
+        if not (usable or unknown):
+            self.none_private(link)
+
+    def none_private(self, link: Link) -> None:
+        machine = self.machine
         if machine is not Profile.OPPORTUNISTIC:
             text = f"no private resolver on {link.ifname}: no DNS rather than cleartext ({machine})"
             self.warn(Alert.NO_PRIVATE_DNS, link, None, text)

@@ -7,17 +7,24 @@ not just the TCP connect, matters because some middleboxes accept TCP on 853 and
 then say nothing. A UDP query with the TO flag runs beside them as a hint.
 Everything shares one absolute deadline; failures are recorded as data and never
 raised.
+
+Before the race, when `settings.ddr`, the resolver is asked for its designated resolvers
+(DDR, `agent.ddr`): one cleartext round trip that names nothing of the user's, bounded by
+`ddr_timeout` and taken out of the same deadline. A designation the RFC lets us use, at the
+probed address itself but on another port, moves the port path there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import socket
 import ssl
 from collections.abc import Iterable
 
+from agent.ddr import discover
 from agent.dns import wire
 from agent.dns.transport import Connection, family_of, os_errors, starttls
 from agent.errors import (
@@ -33,7 +40,10 @@ from agent.errors import (
     UsageError,
 )
 from agent.model import (
+    AuthSource,
     AuthSpec,
+    DdrResult,
+    Designation,
     Failure,
     Method,
     Order,
@@ -328,9 +338,10 @@ async def _race(
     """Run the two TCP paths happy-eyeballs style until one gives acceptable TLS or both end.
 
     The second path starts when the first has not finished its TLS handshake by
-    `fallback_delay` after the probe began, or as soon as the first ends without TLS.
+    `fallback_delay` after the race began, or as soon as the first ends without TLS.
     """
     loop = asyncio.get_running_loop()
+    race_t0 = loop.time()  # DDR may have taken some of the probe's time already
     first, second = (Path.PORT, Path.UPGRADE)
     if settings.order is Order.UPGRADE_FIRST:
         first, second = second, first
@@ -352,7 +363,7 @@ async def _race(
         while pending:
             timeout = None
             if second_task is None and not first_handshake.is_set():
-                timeout = max(0.0, t0 + settings.fallback_delay - loop.time())
+                timeout = max(0.0, race_t0 + settings.fallback_delay - loop.time())
             done, pending = await asyncio.wait(
                 pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
@@ -379,6 +390,28 @@ async def _race(
     return outcomes, {tr.path: tr for tr in traces.values()}
 
 
+def designated_port(address: str, settings: ProbeSettings, ddr: DdrResult) -> Designation | None:
+    """The designation the port path should use instead of `settings.tls_port`: usable (as
+    RFC 9462 allows), at the probed address itself (a designation is the designating
+    resolver's own: section 4.1), verified ones first, then by SVCB priority; None when the
+    best one is on the port already probed."""
+    here = [d for d in ddr.usable if d.address == address]
+    if not here:
+        return None
+    best = min(here, key=lambda d: (not d.verified, d.priority))
+    return best if best.port != settings.tls_port else None
+
+
+def _designated(settings: ProbeSettings, d: Designation) -> ProbeSettings:
+    """The port path on the designation's port; a verified designation's name (its
+    certificate names it and the resolver's address) is the name asked for, as one the
+    network handed out, unless a name is already given."""
+    auth = settings.auth
+    if d.verified and not auth.auth_name:
+        auth = dataclasses.replace(auth, auth_name=d.adn, name_source=AuthSource.NETWORK)
+    return dataclasses.replace(settings, tls_port=d.port, auth=auth)
+
+
 async def probe(address: str, settings: ProbeSettings | None = None) -> ProbeResult:
     """Probe one resolver. Raises only UsageError (not an IP address); everything else is data."""
     settings = settings or ProbeSettings()
@@ -390,7 +423,15 @@ async def probe(address: str, settings: ProbeSettings | None = None) -> ProbeRes
     t0 = loop.time()
     deadline = t0 + settings.timeout
     udp_task = asyncio.create_task(_udp_hint(address, settings, t0, deadline))
+    ddr: DdrResult | None = None
+    moved: Designation | None = None
     try:
+        if settings.ddr:
+            ddr = await discover(address, settings, deadline)
+            moved = designated_port(address, settings, ddr)
+            if moved is not None:
+                LOG.info("%s: TLS port %d as designated (DDR)", address, moved.port)
+                settings = _designated(settings, moved)
         outcomes, traces = await _race(address, settings, t0, deadline)
     except BaseException:
         udp_task.cancel()
@@ -427,6 +468,8 @@ async def probe(address: str, settings: ProbeSettings | None = None) -> ProbeRes
         udp_to_hint=udp.to_in_response,
         paths=tuple(sorted(outcomes, key=lambda o: o.started_ms)),
         auth_source=best.tls.auth_source if best.tls and best.method.private else None,
+        ddr=ddr,
+        tls_port=moved.port if moved is not None and best.method is Method.TLS_PORT else None,
     )
 
 

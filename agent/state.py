@@ -13,6 +13,7 @@ that was killed half-way are removed at the next load.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from typing import Any
 
 from agent.fsutil import write_atomic
 from agent.jsondepth import too_deep
-from agent.model import Auth, AuthSource, Knowledge, Method, Order
+from agent.model import Auth, AuthSource, Designation, Knowledge, Method, Order
 
 LOG = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ MAX_BYTES = 4 << 20  # a bigger file is not read: set aside
 MAX_DEPTH = 8  # of nested lists and objects (the file has 4), checked before json.loads
 MAX_TEXT = 4096  # characters of one string; longer ones are cut at save
 MAX_LIST = 64  # strings in one list of an entry (pins seen, failures); the newest kept at save
+MAX_DESIGNATED = 16  # designations kept per resolver (DDR): as many as are asked for
 MAX_COUNT = 1 << 31  # of an integer field (probes in a row)
 
 
@@ -73,6 +75,10 @@ def _encode(k: Knowledge) -> dict[str, Any]:
     d["plain"] = k.plain.value if k.plain else None
     d["pins_seen"] = [_clip(p) for p in k.pins_seen[-MAX_LIST:]]
     d["failures"] = [_clip(f) for f in k.failures[-MAX_LIST:]]
+    d["designated"] = [
+        {**asdict(x), "adn": _clip(x.adn), "reason": _clip(x.reason)}
+        for x in k.designated[:MAX_DESIGNATED]
+    ]
     return d
 
 
@@ -126,6 +132,44 @@ def _enum(kind: type[StrEnum]) -> Check:
     return check
 
 
+def _port(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise Corrupt(f"{key}: not a port")
+    return value
+
+
+def _address(value: object, key: str) -> str:
+    try:
+        return str(ipaddress.ip_address(_text(value, key)))
+    except ValueError:
+        raise Corrupt(f"{key}: not an IP address") from None
+
+
+DESIGNATION: dict[str, Check] = {
+    "address": _address,
+    "port": _port,
+    "adn": _text,
+    "priority": _count,
+    "verified": _flag,
+    "usable": _flag,
+    "reason": _text,
+}
+
+
+def _designations(value: object, key: str) -> tuple[Designation, ...]:
+    if not isinstance(value, list) or len(value) > MAX_DESIGNATED:
+        raise Corrupt(f"{key}: not a list of at most {MAX_DESIGNATED} designations")
+    out = []
+    for d in value:
+        if not isinstance(d, dict) or "address" not in d:
+            raise Corrupt(f"{key}: a designation is not an object with an address")
+        fields: dict[str, Any] = {
+            f: c(d[f], f"{key}.{f}") for f, c in DESIGNATION.items() if f in d
+        }
+        out.append(Designation(**fields))
+    return tuple(out)
+
+
 # every field of Knowledge, and whether null is allowed
 FIELDS: dict[str, tuple[Check, bool]] = {
     "network": (_text, False),
@@ -146,6 +190,8 @@ FIELDS: dict[str, tuple[Check, bool]] = {
     "suspect_at": (_number, False),
     "suspect": (_text, False),
     "auth_source": (_enum(AuthSource), True),
+    "designated": (_designations, False),
+    "tls_port": (_port, True),
 }
 
 

@@ -67,7 +67,7 @@ LEAD = 0.1  # the instruments run this long before dhclient starts
 TAIL = 0.2  # and this long after the round's end
 ROUND_TIMEOUT = 10.0
 READY_TIMEOUT = 20.0
-DUMMY = "STARTTLS."  # the probe's cleartext dummy
+DUMMIES = ("STARTTLS.", "_dns.resolver.arpa.")  # the probe's cleartext: dummy, DDR question
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Round:
     failed_empty: int  # of those, asked while resolv.conf was empty
     script: float  # seconds
     order: float  # seconds
-    other_cleartext: tuple[str, ...]  # cleartext query names neither the load's nor DUMMY
+    other_cleartext: tuple[str, ...]  # cleartext query names neither the load's nor DUMMIES
 
 
 def tls(resolver: str) -> str:
@@ -189,7 +189,9 @@ def one_round(lab: DhcpLab, sock: Path, n: int, mode: str, new: str) -> Round:
     foreign, exposed = exposure(rec, end)
     names = {a.name.lower() for a in answers}
     queries = cleartext_queries(pkts)
-    other = tuple(sorted({q for q in queries if q != DUMMY and not _of_load(q, names, prefix)}))
+    other = tuple(
+        sorted({q for q in queries if q not in DUMMIES and not _of_load(q, names, prefix)})
+    )
     return Round(
         n, mode, new, domain, len(rec.versions), foreign, exposed,
         leaks(pkts, answers, prefix), len(answers), sum(a.result == "fail" for a in answers),
@@ -293,7 +295,7 @@ def report(rounds: Sequence[Round]) -> None:
         )
     other = sorted({q for r in timed for q in r.other_cleartext})
     if other:
-        print(f"other cleartext queries on the wire (neither the load's nor {DUMMY}): {other}")
+        print(f"other cleartext queries on the wire (neither the load's nor the probe's): {other}")
 
 
 # -- the run -------------------------------------------------------------------------------

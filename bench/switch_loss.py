@@ -78,7 +78,7 @@ async def main(args: argparse.Namespace) -> None:
         async with Peer(cfg) as a, Peer(PeerConfig(cert=cert.cert, key=cert.key)) as b:
             ua = UpstreamSpec("127.0.0.1", Method.TLS_PORT, a.tls_port or 0)
             ub = UpstreamSpec("127.0.0.1", Method.TLS_PORT, b.tls_port or 0)
-            t = Tunnel(TunnelConfig(upstreams=(ua, ub), listen=(("127.0.0.1", 0),)))
+            t = Tunnel(TunnelConfig(upstreams=(ua, ub), listen=(("127.0.0.1", 0),), cache=None))
             await t.start()
             host, port = t.addresses[0]
             until = time.monotonic() + args.seconds

@@ -190,6 +190,43 @@ def strip_opt(buf: bytes) -> bytes:
     return buf
 
 
+def drop_padding(buf: bytes) -> bytes:
+    """The response without its Padding option (RFC 7830), for a client that did not pad its
+    query: padding is for encrypted transports (RFC 7830 section 6), and the tunnel's
+    clients are not on one. Unchanged when there is none (or the bytes are not walkable)."""
+    try:
+        _id, _flags, qd, an, ns, ar = HEADER.unpack_from(buf)
+        pos = 12
+        for _ in range(qd):
+            pos = skip_name(buf, pos) + 4
+        for _ in range(an + ns):
+            pos = _skip_rr(buf, pos)[3]
+        for _ in range(ar):
+            rtype, _c, rdata, end = _skip_rr(buf, pos)
+            if rtype == TYPE_OPT:
+                return _without_padding(buf, rdata, end)
+            pos = end
+    except (PacketError, struct.error):
+        return buf
+    return buf
+
+
+def _without_padding(buf: bytes, rdata: int, end: int) -> bytes:
+    options = []
+    pos, found = rdata, False
+    while pos + 4 <= end:
+        code, length = struct.unpack_from("!HH", buf, pos)
+        if code == OPTION_PADDING:
+            found = True
+        else:
+            options.append(buf[pos : pos + 4 + length])
+        pos += 4 + length
+    if not found or pos != end:
+        return buf
+    kept = b"".join(options)
+    return buf[: rdata - 2] + struct.pack("!H", len(kept)) + kept + buf[end:]
+
+
 def _reply(query: bytes, info: QueryInfo, flags: int) -> bytes:
     """Header + the client's own question (+ a bare OPT when the client used EDNS)."""
     has_opt = info.edns

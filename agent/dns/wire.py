@@ -26,7 +26,8 @@ MAX_FRAME = 0xFFFF
 def starttls_query(*, to: bool = True) -> dns.message.QueryMessage:
     """The dummy that opens an upgrade: STARTTLS/CH/TXT, RD=0, EDNS0 with TO set.
 
-    It reveals nothing private, so it is the only cleartext DNS the strict profile sends.
+    It reveals nothing private, so it is, with DDR's `_dns.resolver.arpa` question (agent/ddr.py),
+    the only cleartext DNS the strict profile sends.
     """
     return dns.message.make_query(
         STARTTLS_QNAME,

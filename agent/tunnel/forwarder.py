@@ -25,10 +25,11 @@ from agent.dns import packet
 from agent.dns.packet import PacketError
 from agent.errors import UsageError
 from agent.model import AuthSpec, Failure, Method, Profile, UpstreamSpec
+from agent.tunnel.cache import Cache
 from agent.tunnel.connection import UpstreamConn
 from agent.tunnel.events import Mode, NoTunnelEvents, TunnelEvents, UpstreamEvents
 from agent.tunnel.listeners import TcpListener, UdpListener
-from agent.tunnel.pending import Pending, Sink
+from agent.tunnel.pending import NULL_SINK, Pending, Sink
 from agent.tunnel.settings import MAX_UPSTREAMS, TunnelConfig
 from agent.tunnel.stats import TunnelStats
 from agent.tunnel.upstream import State, Upstream
@@ -85,6 +86,11 @@ class Tunnel:
         self.tcp: list[TcpListener] = []
         self._ticker: asyncio.Task[None] | None = None
         self.routes: list[tuple[str, list[Upstream]]] = []  # longest suffix first
+        # Answers, by question and route. Its privacy rules: an answer learnt in cleartext is
+        # never given once the profile forbids cleartext (and is dropped then); the routes
+        # (split DNS) are part of the key; the owner empties it when the network changes.
+        self.cache: Cache | None = Cache(cfg.cache) if cfg.cache is not None else None
+        self._prefetching: set[bytes] = set()
         self._set(cfg.upstreams)
         self.mode = self._current_mode()  # the starting point: not a change to announce
 
@@ -185,12 +191,19 @@ class Tunnel:
                 up.retire()
                 self._retired.append(up)
             self.upstreams = []
+            cache = self.cache
+            dropped = cache.drop_cleartext() if cache and not profile.allows_cleartext else 0
+            if dropped:
+                LOG.info("cache: %d answer(s) learnt in cleartext dropped (%s)", dropped, profile)
         self._set(specs)
+        old_routes = [d for d, _ in self.routes]
         self.routes = sorted(
             ((d.strip(".").lower(), [u for s in ups if (u := self.upstream(s)) is not None])
              for d, ups in routes),
             key=lambda r: -len(r[0]),
         )  # fmt: skip
+        if [d for d, _ in self.routes] != old_routes:
+            self.flush_cache("the split-DNS routes changed")
         for p in self._order:
             p.tried = 0  # indexes changed meaning
             p.group = None
@@ -201,12 +214,22 @@ class Tunnel:
                 up.close()
         self._update_mode()
 
-    def _group_of(self, wire: bytes, info: packet.QueryInfo) -> list[Upstream] | None:
+    def _route_of(self, wire: bytes, info: packet.QueryInfo) -> tuple[str, list[Upstream] | None]:
         name = packet.qname(wire, info)
         for domain, ups in self.routes:
             if name == domain or name.endswith("." + domain):
-                return ups
-        return None
+                return domain, ups
+        return "", None
+
+    def flush_cache(self, why: str) -> int:
+        """Forget every answer (the network changed, or the user asked)."""
+        if self.cache is None:
+            return 0
+        n = self.cache.flush()
+        for p in self._order:  # an answer on its way from before is not stored either
+            p.key = None
+        LOG.info("cache emptied (%s): %d answer(s) dropped", why, n)
+        return n
 
     # -- queries in ---------------------------------------------------------------------
     def on_query(self, wire: bytes, sink: Sink, addr: Any) -> None:
@@ -220,15 +243,53 @@ class Tunnel:
             if reply is not None:
                 sink.deliver(reply, addr)
             return
+        now = self.loop.time()
+        scope, group = self._route_of(wire, info) if self.routes else ("", None)
+        key = None
+        cache = self.cache
+        if cache is not None and (key := cache.key(wire, info, scope)) is not None:
+            hit = cache.get(key, wire, info, now, cleartext_ok=self.cfg.profile.allows_cleartext)
+            if hit is not None:
+                self._reply(wire, hit.wire, sink, addr, info)
+                if hit.prefetch:
+                    self._prefetch(wire, info, key, group, now)
+                return
         if self.pending >= self.cfg.max_pending or not sink.admit(addr):
             stats.dropped_limit += 1
             if not sink.udp:  # TCP clients wait for an answer; UDP ones just retry
                 sink.deliver(packet.error_reply(wire, info, packet.REFUSED), addr)
             return
-        now = self.loop.time()
         p = Pending(sink, addr, wire, info, now + self.cfg.query_timeout)
-        if self.routes:
-            p.group = self._group_of(wire, info)
+        p.group, p.key = group, key
+        self.pending += 1
+        self._order.append(p)
+        self.route(p, now)
+
+    def _reply(
+        self, query: bytes, wire: bytes, sink: Sink, addr: Any, info: packet.QueryInfo
+    ) -> None:
+        """An answer the cache gave: to the client at once, shaped for UDP if need be."""
+        self.stats.answered += 1
+        if sink.udp and len(wire) > packet.udp_limit(info):
+            wire = packet.truncated_reply(query, info, wire)
+            self.stats.truncated += 1
+        sink.deliver(wire, addr)
+
+    def _prefetch(
+        self,
+        wire: bytes,
+        info: packet.QueryInfo,
+        key: bytes,
+        group: list[Upstream] | None,
+        now: float,
+    ) -> None:
+        """A popular answer about to expire: asked again now, on the tunnel's own account
+        (the answer only refills the cache), so the next client does not wait for it."""
+        if key in self._prefetching or self.pending >= self.cfg.max_pending // 2:
+            return
+        self._prefetching.add(key)
+        p = Pending(NULL_SINK, None, wire, info, now + self.cfg.query_timeout)
+        p.group, p.key = group, key
         self.pending += 1
         self._order.append(p)
         self.route(p, now)
@@ -315,12 +376,30 @@ class Tunnel:
             except PacketError:
                 self.servfail(p)
                 return
+        elif p.padded is not None and not p.info.padded:
+            resp = packet.drop_padding(resp)  # padded by us, for TLS: not for the client
+        if p.key is not None and self.cache is not None:
+            self.cache.put(p.key, resp, self.loop.time(), private=up.spec.private)
         if p.sink.udp and len(resp) > packet.udp_limit(p.info):
             resp = packet.truncated_reply(p.query, p.info, resp)
             self.stats.truncated += 1
         self._finish(p, resp)
 
     def servfail(self, p: Pending) -> None:
+        """No upstream gave an answer: SERVFAIL, or (serve_stale on) the expired answer."""
+        if p.sink is NULL_SINK:
+            self._finish(p, b"")
+            return
+        if p.key is not None and self.cache is not None:
+            stale = self.cache.stale(
+                p.key, p.query, p.info, self.loop.time(),
+                cleartext_ok=self.cfg.profile.allows_cleartext,
+            )  # fmt: skip
+            if stale is not None:
+                if p.sink.udp and len(stale) > packet.udp_limit(p.info):
+                    stale = packet.truncated_reply(p.query, p.info, stale)
+                self._finish(p, stale)
+                return
         self.stats.servfail += 1
         self._finish(p, packet.error_reply(p.query, p.info, packet.SERVFAIL))
 
@@ -331,6 +410,9 @@ class Tunnel:
         self.pending -= 1
         if p.conn is not None:
             p.conn.forget(p)
+        if p.sink is NULL_SINK:  # a prefetch: no client waits
+            self._prefetching.discard(p.key or b"")
+            return
         self.stats.answered += 1
         p.sink.deliver(wire, p.addr)
         p.sink.done(p.addr)
@@ -401,6 +483,7 @@ class Tunnel:
             "listen": [f"{h}:{p}" for h, p in self.addresses],
             "pending": self.pending,
             "clients": self.stats.to_json(),
+            "cache": self.cache.to_json() if self.cache is not None else None,
             "upstreams": [
                 {
                     "upstream": str(u.spec),

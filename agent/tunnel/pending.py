@@ -25,6 +25,24 @@ class Sink(Protocol):
     def done(self, addr: Any) -> None: ...
 
 
+class _NullSink:
+    """Where the answer to a query of the tunnel's own goes (a prefetch): nowhere."""
+
+    udp = False
+
+    def admit(self, addr: Any) -> bool:
+        return True
+
+    def deliver(self, wire: bytes, addr: Any) -> None:
+        pass
+
+    def done(self, addr: Any) -> None:
+        pass
+
+
+NULL_SINK: Sink = _NullSink()
+
+
 class Pending:
     """A query from its arrival until exactly one answer went back to its client."""
 
@@ -36,6 +54,7 @@ class Pending:
         "done",
         "group",
         "info",
+        "key",
         "padded",
         "query",
         "resends",
@@ -69,6 +88,7 @@ class Pending:
         self.conn: UpstreamConn | None = None
         self.done = False
         self.group: Sequence[Upstream] | None = None  # split DNS: only these upstreams
+        self.key: bytes | None = None  # the cache's key: the answer is stored under it
 
     def pad(self) -> bytes:
         """The query padded (RFC 7830, 8467), for TLS only: in cleartext, padding MUST NOT be

@@ -3,9 +3,10 @@ daemon's configuration need them without loading asyncio, ssl and the hot path."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.model import Profile, UpstreamSpec
+from agent.tunnel.cache import CacheSettings
 
 DEFAULT_LISTEN = (("127.0.0.153", 53),)
 MAX_UPSTREAMS = 60  # entries of one order: the tunnel refuses more; the policy never hands more
@@ -37,3 +38,4 @@ class TunnelConfig:
     tcp_client_idle: float = 10.0
     fastopen: bool = True
     pad: bool = True
+    cache: CacheSettings | None = field(default_factory=CacheSettings)  # None: no cache

@@ -5,6 +5,13 @@ error, just no facts. The watcher looks at modification times when inotify says 
 lease directory changed (a new lease is followed at once), and every 2 s anyway.
 Files are read and parsed in a worker thread (the event loop carries the tunnel's
 queries), in one pass, and only up to MAX_LEASE_FILE: a larger file is skipped, said.
+
+dhclient's leases may carry DNR (RFC 9463, agent/dns/dnr.py): the package's dhclient.conf
+block names option 162 `dnr` and asks for it, and dhclient writes it as it writes any
+`string` option, `option dnr 0:22:0:1:12:3:64:6e:...;` (hex, one or two digits an octet)
+or, when every octet is printable, a quoted string with backslash escapes; without the
+name (a server that sends 162 unasked) as `option unknown-162 ...`. The designated DoT
+resolvers come first in the link's resolvers; a broken option is left out, said.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.dns import dnr
 from agent.fsutil import UnsafePath, read_bounded
 from agent.inotify import Waker
-from agent.model import Link, NetResolver, Source
+from agent.model import Link, NetResolver, Origin, Source
 
 LOG = logging.getLogger(__name__)
 
@@ -32,6 +40,7 @@ class Lease:
     domains: tuple[str, ...] = ()
     server: str | None = None  # DHCP server identifier: names the network
     router: str | None = None
+    dnr: tuple[dnr.DnrInstance, ...] = ()  # DHCPv4 option 162 / DHCPv6 option 144 (RFC 9463)
 
 
 def _addresses(values: Iterable[str]) -> tuple[str, ...]:
@@ -69,6 +78,42 @@ def _dhclient_domains(opts: dict[str, str]) -> tuple[str, ...]:
         if d.lower() not in seen:
             seen.add(d.lower())
             out.append(d)
+    return tuple(out)
+
+
+# dhclient's names for the DNR options: the package's dhclient.conf block's, and its own for
+# an option 162 it was not told the name of
+_DNR_OPTIONS = (("dnr", dnr.parse_v4), ("unknown-162", dnr.parse_v4), ("dhcp6.dnr", dnr.parse_v6))
+_ESCAPE = re.compile(r"\\([0-7]{3}|.)", re.S)  # dhclient's \" \\ \' and \ooo
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _octets(value: str) -> bytes:
+    """A `string` option's value as dhclient writes it: `0:1d:ff`, or `"te\\"xt"` when
+    every octet is printable. DnrError when it is neither."""
+    if value.startswith('"'):
+        if len(value) < 2 or not value.endswith('"') or not value.isascii():
+            raise dnr.DnrError("a quoted value that is not dhclient's")
+        text = _ESCAPE.sub(
+            lambda m: chr(int(m[1], 8) & 0xFF) if len(m[1]) == 3 else m[1], value[1:-1]
+        )
+        return text.encode("latin-1")
+    parts = value.split(":")
+    if not all(0 < len(p) <= 2 and _HEX.issuperset(p) for p in parts):
+        raise dnr.DnrError("neither hex octets nor a quoted string")
+    return bytes(int(p, 16) for p in parts)
+
+
+def _dhclient_dnr(opts: dict[str, str], ifname: str) -> tuple[dnr.DnrInstance, ...]:
+    out: list[dnr.DnrInstance] = []
+    for name, parse in _DNR_OPTIONS:
+        value = opts.get(name)
+        if value is None or (name == "unknown-162" and "dnr" in opts):
+            continue
+        try:
+            out += parse(_octets(value))
+        except dnr.DnrError as exc:
+            LOG.warning("lease of %s: option %s left out: %s", ifname, name, exc)
     return tuple(out)
 
 
@@ -112,6 +157,7 @@ def parse_dhclient(text: str) -> dict[str, Lease]:
             _dhclient_domains(opts),
             opts.get("dhcp-server-identifier") or opts.get("dhcp6.server-id"),
             (opts.get("routers") or "").split(",")[0] or None,
+            _dhclient_dnr(opts, ifname),
         )
     return out
 
@@ -136,9 +182,11 @@ def parse_networkd(text: str, ifname: str) -> Lease | None:
 
 
 def to_link(lease: Lease) -> Link:
+    """The network designated DoT resolvers (DNR) first, then the plain DHCP ones."""
+    plain = tuple(NetResolver(a, source=Source.LEASE, origin=Origin.DHCP) for a in lease.resolvers)
     return Link(
         lease.ifname,
-        resolvers=tuple(NetResolver(a, source=Source.LEASE) for a in lease.resolvers),
+        resolvers=dnr.resolvers(lease.dnr, Source.LEASE) + plain,
         domains=lease.domains,
         dhcp_server=lease.server,
     )

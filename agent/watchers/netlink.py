@@ -26,6 +26,13 @@ What pyroute2 does not serve: it has no message class for RTM_NEWNDUSEROPT (0.7 
 its marshal hands such a message over undecoded, and `parse_nduseropt` reads the RDNSS
 options from the message's bytes.
 
+RDNSS resolvers are origin RA. An RA's Encrypted DNS option (DNR, RFC 9463 section 6.1,
+type 144) would be read too (`parse_nduseropt_dnr`: its DoT resolvers come first, origin
+DNR, with the option's lifetime), but Linux does not pass it on: RTM_NEWNDUSEROPT carries
+only the options `ndisc_is_useropt` (net/ipv6/ndisc.c) names, RDNSS, DNSSL, captive
+portal, PREF64 (and, lately, prefix information); 144 is dropped as unknown. Shown on
+6.18 by tests/system/test_dnr_ra.py, which fails the day a kernel passes it.
+
 pyroute2's own `__init__` imports every protocol it speaks (IPDB, NDB, nftables,
 WireGuard, ...): 6 to 8 MiB of the daemon's idle memory. Only the parts used here are
 imported (`_pyroute2_parts`).
@@ -48,12 +55,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.model import Link, NetResolver, Source
+from agent.dns import dnr
+from agent.model import Link, NetResolver, Origin, Source
 
 LOG = logging.getLogger(__name__)
 
 RTM_NEWNDUSEROPT = 68
 ND_OPT_RDNSS = 25
+ND_OPT_DNR = 144  # RFC 9463 section 6.1 (the kernel does not pass it on: module docstring)
 NLMSG = struct.Struct("=IHHII")
 NDUSEROPT = struct.Struct("=BxHiBBxxI")  # family, opts_len, ifindex, icmp type, code, pad
 IFF_UP = 0x1
@@ -114,9 +123,15 @@ class RDNSS:
     lifetime: int  # seconds; 0 withdraws
 
 
-def parse_nduseropt(data: bytes) -> list[RDNSS]:
-    """RDNSS options out of a buffer of netlink messages (others are skipped)."""
-    out: list[RDNSS] = []
+@dataclass(frozen=True)
+class RaDnr:
+    ifindex: int
+    instance: dnr.DnrInstance  # its lifetime: seconds, 0 withdraws, dnr.INFINITY no end
+
+
+def _useropts(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(ifindex, the ND options) of each RTM_NEWNDUSEROPT in a buffer of netlink messages
+    (others are skipped)."""
     pos = 0
     while pos + NLMSG.size <= len(data):
         length, mtype, _flags, _seq, _pid = NLMSG.unpack_from(data, pos)
@@ -125,25 +140,49 @@ def parse_nduseropt(data: bytes) -> list[RDNSS]:
         if mtype == RTM_NEWNDUSEROPT and length >= NLMSG.size + NDUSEROPT.size:
             body = pos + NLMSG.size
             _fam, opts_len, ifindex, _t, _c, _pad = NDUSEROPT.unpack_from(data, body)
-            opts = data[body + NDUSEROPT.size : body + NDUSEROPT.size + opts_len]
-            out.extend(_rdnss(opts, ifindex))
+            yield ifindex, data[body + NDUSEROPT.size : body + NDUSEROPT.size + opts_len]
         pos += (length + 3) & ~3
-    return out
 
 
-def _rdnss(opts: bytes, ifindex: int) -> list[RDNSS]:
-    out = []
+def _nd_options(opts: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, the whole option) of each ND option; stops at a malformed length."""
     pos = 0
     while pos + 8 <= len(opts):
         otype, olen = opts[pos], opts[pos + 1] * 8
         if olen == 0 or pos + olen > len(opts):
             break
-        if otype == ND_OPT_RDNSS and olen >= 24:
-            lifetime = struct.unpack_from("!I", opts, pos + 4)[0]
-            for a in range(pos + 8, pos + olen - 15, 16):
-                addr = str(ipaddress.IPv6Address(opts[a : a + 16]))
-                out.append(RDNSS(ifindex, addr, lifetime))
+        yield otype, opts[pos : pos + olen]
         pos += olen
+
+
+def parse_nduseropt(data: bytes) -> list[RDNSS]:
+    """RDNSS options out of a buffer of netlink messages (others are skipped)."""
+    return [r for ifindex, opts in _useropts(data) for r in _rdnss(opts, ifindex)]
+
+
+def parse_nduseropt_dnr(data: bytes) -> list[RaDnr]:
+    """Encrypted DNS options (type 144) out of a buffer of netlink messages; a malformed
+    one is logged and skipped."""
+    out: list[RaDnr] = []
+    for ifindex, opts in _useropts(data):
+        for otype, option in _nd_options(opts):
+            if otype != ND_OPT_DNR:
+                continue
+            try:
+                out.extend(RaDnr(ifindex, inst) for inst in dnr.parse_ra(option))
+            except dnr.DnrError as exc:
+                LOG.warning("an RA's Encrypted DNS option on link %d is unusable: %s", ifindex, exc)
+    return out
+
+
+def _rdnss(opts: bytes, ifindex: int) -> list[RDNSS]:
+    out = []
+    for otype, option in _nd_options(opts):
+        if otype == ND_OPT_RDNSS and len(option) >= 24:
+            lifetime = struct.unpack_from("!I", option, 4)[0]
+            for a in range(8, len(option) - 15, 16):
+                addr = str(ipaddress.IPv6Address(option[a : a + 16]))
+                out.append(RDNSS(ifindex, addr, lifetime))
     return out
 
 
@@ -282,21 +321,30 @@ class KernelView:
     up: dict[int, bool] = field(default_factory=dict)
     default_route: set[int] = field(default_factory=set)
     ra: dict[tuple[int, str], float] = field(default_factory=dict)  # -> expiry (monotonic)
+    # an RA's DNR resolvers: (ifindex, address, port) -> (resolver, expiry)
+    dnr: dict[tuple[int, str, int], tuple[NetResolver, float]] = field(default_factory=dict)
+
+    def expiries(self) -> list[float]:
+        return [*self.ra.values(), *(until for _r, until in self.dnr.values())]
 
     def links(self, now: float) -> dict[str, Link]:
         out: dict[str, Link] = {}
         for index, name in self.names.items():
             if name == "lo":
                 continue
+            designated = sorted(
+                (r for (i, _a, _p), (r, until) in self.dnr.items() if i == index and until > now),
+                key=lambda r: (r.priority, r.address, r.port or 0),
+            )
             ra = tuple(
-                NetResolver(addr, source=Source.NETLINK)
+                NetResolver(addr, source=Source.NETLINK, origin=Origin.RA)
                 for (i, addr), until in sorted(self.ra.items())
                 if i == index and until > now
             )
             out[name] = Link(
                 name,
                 up=self.up.get(index, False),
-                resolvers=ra,
+                resolvers=(*designated, *ra),
                 default_route=index in self.default_route,
             )
         return out
@@ -317,6 +365,7 @@ class KernelView:
                 default.add(route.get_attr("RTA_OIF"))
         self.names, self.up, self.default_route = names, up, default
         self.ra = {k: v for k, v in self.ra.items() if k[0] in names}
+        self.dnr = {k: v for k, v in self.dnr.items() if k[0] in names}
 
     def note(self, msgs: Sequence[Message], now: float) -> None:
         """RA resolvers out of the events (RTM_NEWNDUSEROPT), with their lifetimes."""
@@ -329,6 +378,25 @@ class KernelView:
                     self.ra.pop(key, None)
                 else:
                     self.ra[key] = now + (r.lifetime if r.lifetime != 0xFFFFFFFF else 1e12)
+            for d in parse_nduseropt_dnr(raw(msg)):
+                self._note_dnr(d, now)
+
+    def _note_dnr(self, d: RaDnr, now: float) -> None:
+        """One RA DNR instance: its DoT resolvers kept for its lifetime; lifetime 0 withdraws
+        what was kept for its addresses (or, ADN-only, for its ADN) on that link."""
+        inst = d.instance
+        if inst.lifetime == 0:
+            gone = set(inst.addresses)
+            self.dnr = {
+                k: v
+                for k, v in self.dnr.items()
+                if k[0] != d.ifindex or (k[1] not in gone and v[0].auth_name != inst.adn)
+            }
+            return
+        lifetime = inst.lifetime if inst.lifetime is not None else 0
+        until = now + (lifetime if lifetime != dnr.INFINITY else 1e12)
+        for r in dnr.resolvers([inst], Source.NETLINK):
+            self.dnr[(d.ifindex, r.address, r.port or dnr.DOT_PORT)] = (r, until)
 
 
 class NetlinkWatcher:
@@ -398,7 +466,7 @@ class NetlinkWatcher:
         try:
             self._dirty.set()
             while True:
-                expiries = [t for t in self.view.ra.values() if t > time.monotonic()]
+                expiries = [t for t in self.view.expiries() if t > time.monotonic()]
                 with contextlib.suppress(TimeoutError):  # an RA resolver's lifetime ran out
                     wait = min(expiries) - time.monotonic() if expiries else None
                     await asyncio.wait_for(self._dirty.wait(), wait)

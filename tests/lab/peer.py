@@ -29,7 +29,7 @@ import sys
 import time
 import typing
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -112,6 +112,12 @@ class PeerConfig:
     #                    lossy link: unseen, unanswered (counted in `udp_dropped`)
     strike_after: int = 0  # RESET_MID_ANSWER, CLOSE_IN_FLIGHT: answers per TLS connection first
     control: Path | None = None  # a JSON file polled for faults switched at run time
+    # DDR (RFC 9462): the answer to `_dns.resolver.arpa` SVCB, one record per presentation
+    # string ("1 dot.example.test. alpn=dot port=8853 ipv4hint=198.51.100.1"); none: NXDOMAIN.
+    # Read at query time, so that a test can fill in ports bound after start().
+    svcb: list[str] = field(default_factory=list)
+    svcb_hosts: dict[str, list[str]] = field(default_factory=dict)  # A/AAAA of SVCB targets
+    svcb_glue: bool = False  # also put those addresses in the SVCB answer's additional section
 
 
 class Blackhole:
@@ -148,8 +154,34 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-def answer(query: dns.message.Message, *, to: bool) -> dns.message.Message:
-    """The peer's tiny zone. Names starting `delay-N.` are answered after N ms."""
+def _ddr(
+    q: dns.rrset.RRset, config: PeerConfig
+) -> tuple[list[dns.rrset.RRset], list[dns.rrset.RRset]] | None:
+    """(answer, additional) for the DDR names of `config`; None when it has none for `q`."""
+    name = q.name.to_text().lower()
+    hosts = {h.lower().rstrip(".") + ".": addrs for h, addrs in config.svcb_hosts.items()}
+
+    def addresses(host: str, rdtype: dns.rdatatype.RdataType) -> list[dns.rrset.RRset]:
+        want = [a for a in hosts.get(host, []) if (":" in a) == (rdtype == dns.rdatatype.AAAA)]
+        return [dns.rrset.from_text(host, 60, "IN", rdtype, *want)] if want else []
+
+    if name == "_dns.resolver.arpa." and q.rdtype == dns.rdatatype.SVCB and config.svcb:
+        rrset = dns.rrset.from_text(q.name, 300, "IN", "SVCB", *config.svcb)
+        glue: list[dns.rrset.RRset] = []
+        if config.svcb_glue:
+            for target in sorted({rd.target.to_text().lower() for rd in rrset}):
+                glue += addresses(target, dns.rdatatype.A) + addresses(target, dns.rdatatype.AAAA)
+        return [rrset], glue
+    if name in hosts and q.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        return addresses(name, dns.rdatatype.RdataType(q.rdtype)), []
+    return None
+
+
+def answer(
+    query: dns.message.Message, *, to: bool, config: PeerConfig | None = None
+) -> dns.message.Message:
+    """The peer's tiny zone. Names starting `delay-N.` are answered after N ms; with a
+    `config`, its DDR records (`PeerConfig.svcb`) too."""
     response = dns.message.make_response(query)
     response.flags |= dns.flags.AA
     if query.edns >= 0:
@@ -159,7 +191,11 @@ def answer(query: dns.message.Message, *, to: bool) -> dns.message.Message:
         return response
     q = query.question[0]
     name = q.name.to_text().lower()
-    if q.rdclass == dns.rdataclass.CH and q.rdtype == dns.rdatatype.TXT:
+    ddr = _ddr(q, config) if config is not None else None
+    if ddr is not None:
+        response.answer.extend(ddr[0])
+        response.additional.extend(ddr[1])
+    elif q.rdclass == dns.rdataclass.CH and q.rdtype == dns.rdatatype.TXT:
         if name == "starttls.":
             text = '"STARTTLS"' if to else '"NO_TLS"'
             response.answer.append(dns.rrset.from_text(q.name, 0, "CH", "TXT", text))
@@ -388,7 +424,7 @@ class Peer:
                 return
         self._record("udp", query)
         to = self.config.udp_to and has_to(query)
-        wire = self._wire(answer(query, to=to), udp=True)
+        wire = self._wire(answer(query, to=to, config=self.config), udp=True)
         if Fault.TRUNCATED in self.config.faults:
             wire = wire[: len(wire) // 2]
         task = asyncio.get_running_loop().create_task(self._udp_reply(query, wire, addr))
@@ -461,7 +497,7 @@ class Peer:
             return
         upgrade = cfg.upgrade and self.tls_ctx is not None and Fault.STRIP_TO not in cfg.faults
         await self._pause(query)
-        wire = self._wire(answer(query, to=upgrade))
+        wire = self._wire(answer(query, to=upgrade, config=self.config))
         if not upgrade:
             writer.write(frame(wire))
             await self._serve(reader, writer, "tcp", first[1:])
@@ -585,7 +621,7 @@ class Peer:
         await self._pause(query)
         if via == "tls-port" and {Fault.BLACKHOLE_TLS, Fault.STALL_TLS} & self.config.faults:
             return  # switched on while this connection was open: its packets go nowhere now
-        response = answer(query, to=False)
+        response = answer(query, to=False, config=self.config)
         asked = any(o.otype == dns.edns.OptionType.KEEPALIVE for o in query.options)
         if asked and self.config.keepalive is not None and response.edns >= 0:
             timeout = int(self.config.keepalive * 10).to_bytes(2, "big")
@@ -685,6 +721,7 @@ async def _main(args: argparse.Namespace) -> None:
         drop_udp=args.drop_udp,
         strike_after=args.strike_after,
         control=args.control,
+        svcb=args.svcb,
     )
     peer = await Peer(config).start()
     print(json.dumps({"dns_port": peer.dns_port, "tls_port": peer.tls_port}), flush=True)
@@ -716,6 +753,9 @@ def main() -> None:
     parser.add_argument("--control", type=Path, metavar="FILE",
                         help='switch faults at run time: {"faults": [...], "delay": s, '
                         '"strike_after": n}, polled')  # fmt: skip
+    parser.add_argument("--svcb", action="append", default=[], metavar="RECORD",
+                        help='a `_dns.resolver.arpa` SVCB answer (DDR), e.g. "1 dot.lab.test. '
+                        'alpn=dot port=8853 ipv4hint=198.51.100.1"; repeatable')  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(_main(args))

@@ -131,6 +131,27 @@ def test_static_resolvers_alone_are_probed_ordered_and_served(world: World) -> N
     assert status["tunnel"]["mode"] == "private"
     assert ask(w) == [WWW_A]
     assert ask(w, tcp=True) == [WWW_A]
+
+    # the tunnel's cache: asked again, answered without the upstreams (counted in status),
+    # until flush-caches empties it
+    def upstream_queries() -> int:
+        st = w.status()
+        assert st is not None
+        return sum(u["queries"] for u in st["tunnel"]["upstreams"])
+
+    before = upstream_queries()
+    for tcp in (False, True, False):
+        assert ask(w, tcp=tcp) == [WWW_A]
+    st = w.status()
+    assert st is not None
+    assert st["tunnel"]["cache"]["hits"] >= 3, st["tunnel"]["cache"]
+    assert upstream_queries() == before
+    argv = [sys.executable, "-m", "agent", "-c", str(w.config), "flush-caches"]
+    out = w.ns.run(argv, check=False)
+    assert out.returncode == 0 and out.stdout.split()[0].isdigit(), out
+    assert int(out.stdout.split()[0]) >= 1, out.stdout
+    assert ask(w) == [WWW_A]
+    assert upstream_queries() > before
     # a clean stop; what was learnt is kept for the statics' own network
     w.agent.popen.terminate()
     assert w.agent.popen.wait(10) == 0, w.agent.tail(40)

@@ -490,6 +490,9 @@ class RefusingTunnel:
     def status(self) -> dict[str, object]:
         return {}
 
+    def flush_cache(self, why: str) -> int:
+        return 0
+
 
 def test_an_order_the_tunnel_refuses_is_logged_not_fatal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -505,5 +508,45 @@ def test_an_order_the_tunnel_refuses_is_logged_not_fatal(
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    run(go())
+
+
+def test_the_cache_is_emptied_when_the_network_changes_not_for_a_moment_without_it(
+    tmp_path: Path,
+) -> None:
+    """No answer is carried from one network to the next; NetworkManager re-activating a
+    device (no DNS for a moment, then the same network) keeps it."""
+
+    async def go() -> None:
+        prober = FakeProber({A: Method.TLS_PORT, B: Method.TLS_PORT})
+        engine, tunnel, task = await started(tmp_path, prober, cfg())
+        flushes: list[str] = []
+        real = tunnel.flush_cache
+
+        def flush(why: str) -> int:
+            flushes.append(why)
+            return real(why)
+
+        tunnel.flush_cache = flush  # type: ignore[method-assign]
+        try:
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+            await settle(engine)
+            assert flushes == []  # the first network: nothing to carry
+            engine.on_nm(NMSnapshot({"eth0": eth0()}))  # re-activating: no DNS a moment
+            await settle(engine)
+            engine.on_nm(NMSnapshot({"eth0": eth0(A)}))
+            await settle(engine)
+            assert flushes == []
+            other = dataclasses.replace(eth0(B), connection_uuid="u-2")  # another network
+            engine.on_nm(NMSnapshot({"eth0": other}))
+            await settle(engine)
+            assert len(flushes) == 1 and "nm:u-1 -> nm:u-2" in flushes[0]
+            vpn = Link("tun0", resolvers=(NetResolver(A),), vpn=True, connection_uuid="v-1")
+            engine.on_nm(NMSnapshot({"eth0": other, "tun0": vpn}))  # a VPN joins
+            await settle(engine)
+            assert len(flushes) == 2
+        finally:
+            await stopped(tunnel, task)
 
     run(go())

@@ -102,6 +102,11 @@ def deadline_held(result: ProbeResult, timeout: float = TIMEOUT) -> None:
     assert result.total_ms <= timeout * 1000 + SLACK_MS, result.total_ms
 
 
+# The only cleartext a probe sends: the STARTTLS dummy and the DDR question (RFC 9462), both
+# naming nothing of the user's.
+DUMMIES = {"STARTTLS./CH/TXT", "_dns.resolver.arpa./IN/SVCB"}
+
+
 def cleartext(peer_: Peer) -> Iterable[str]:
     return [f"{s.qname}/{s.qclass}/{s.qtype}" for s in peer_.seen if s.via in ("udp", "tcp")]
 
@@ -125,7 +130,7 @@ def test_port_853_healthy(certs: Certs) -> None:
     assert not r.failures
     # the real query went inside TLS, padded; cleartext carried only the dummy
     assert any(s.via == "tls-port" and s.qname == "." and s.padded for s in p.seen)
-    assert set(cleartext(p)) <= {"STARTTLS./CH/TXT"}
+    assert set(cleartext(p)) <= DUMMIES
     deadline_held(r)
 
 
@@ -151,7 +156,7 @@ def test_upgrade_when_853_refused(certs: Certs) -> None:
     assert upgrade.started_ms < 200
     assert r.resumption is True  # resumed over a second upgrade
     assert [s.via for s in p.seen if s.qname == "."] == ["tls-upgrade", "tls-upgrade"]
-    assert set(cleartext(p)) == {"STARTTLS./CH/TXT"}
+    assert set(cleartext(p)) == DUMMIES
 
 
 def test_upgrade_first_order(certs: Certs) -> None:
@@ -248,6 +253,9 @@ class _NoTunnel:
     def status(self) -> dict[str, Any]:
         return {}
 
+    def flush_cache(self, why: str) -> int:
+        return 0
+
 
 def test_nothing_configured_the_address_authenticates_and_status_says_network(
     certs: Certs, tmp_path: FsPath
@@ -290,7 +298,7 @@ def test_strict_pin_mismatch_sends_no_query(certs: Certs) -> None:
         assert o.failure is Failure.CERT_NOT_AUTHENTICATED
         assert o.tls is not None and o.tls.pin == certs.good.pin  # what it showed is recorded
     assert not [s for s in p.seen if s.via.startswith("tls")]
-    assert set(cleartext(p)) == {"STARTTLS./CH/TXT"}  # strict: the dummy only
+    assert set(cleartext(p)) == DUMMIES  # strict: the dummy and the DDR question only
     deadline_held(r)
 
 
@@ -360,7 +368,7 @@ def test_853_stalled_after_accept_costs_the_fallback_delay(certs: Certs, profile
     assert r.decided_ms < TIMEOUT * 1000 / 2  # well within the deadline
     assert r.resumption is True  # checked over the upgrade, the path that worked
     assert p.handshakes == 2  # both on the upgrade: 853 never got a ServerHello out
-    assert set(cleartext(p)) == {"STARTTLS./CH/TXT"}
+    assert set(cleartext(p)) == DUMMIES
     deadline_held(r)
 
 

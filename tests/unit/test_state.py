@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.model import Auth, Knowledge, Method, Order
+from agent.model import Auth, Designation, Knowledge, Method, Order
 from agent.state import FIELDS, FILENAME, MAX_BYTES, MAX_ENTRIES, State, Store, _encode
 
 K = Knowledge(
@@ -103,6 +103,12 @@ def _file(*entries: object, **kw: object) -> bytes:
         _file(_entry(), orders={"net": "not a list"}),
         _file(_entry(), orders={"net": [1, 2]}),
         b'{"version": 1, "knowledge": {"a": 1}}',  # a dict where a list goes
+        _file(_entry(designated=[{"address": "not an address"}])),
+        _file(_entry(designated=[{"address": "198.51.100.9", "port": 0}])),
+        _file(_entry(designated=[{"address": "198.51.100.9", "verified": "yes"}])),
+        _file(_entry(designated=[{"port": 853}])),
+        _file(_entry(designated=[{"address": "198.51.100.9"}] * 17)),
+        _file(_entry(tls_port=70000)),
     ],
     ids=lambda c: c[:40].decode(errors="replace"),
 )
@@ -155,3 +161,12 @@ def test_older_files_without_newer_fields_still_load(tmp_path: Path) -> None:
 
 def test_every_field_is_checked_on_load() -> None:
     assert set(FIELDS) == {f.name for f in dataclasses.fields(Knowledge)}
+
+
+def test_what_ddr_found_is_kept_with_the_rest(tmp_path: Path) -> None:
+    d = Designation("198.51.100.53", 8853, "dns.example.test", 2, True, True, "verified")
+    k = dataclasses.replace(K, designated=(d,), tls_port=8853)
+    state = State()
+    state.remember(k)
+    Store(tmp_path).save(state)
+    assert Store(tmp_path).load().knowledge == {k.key: k}

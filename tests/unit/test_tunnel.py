@@ -66,6 +66,7 @@ async def tunnel(
 ) -> AsyncIterator[Tunnel]:
     kw.setdefault("listen", ((HOST, 0),))
     kw.setdefault("profile", Profile.OPPORTUNISTIC)
+    kw.setdefault("cache", None)  # these tests are about forwarding: test_tunnel_cache.py
     t = Tunnel(TunnelConfig(upstreams=upstreams, **kw), events=events)
     await t.start()
     try:

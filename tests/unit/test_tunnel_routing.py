@@ -10,6 +10,7 @@ answer per query, and the pending count exact after every step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -124,9 +125,13 @@ class Client:
         return [dns.rcode.to_text(dns.message.from_wire(w).rcode()) for w, _ in self.got]
 
 
-def tunnel(*order: UpstreamSpec, profile: Profile = Profile.OPPORTUNISTIC) -> tuple[Tunnel, Events]:
+def tunnel(
+    *order: UpstreamSpec, profile: Profile = Profile.OPPORTUNISTIC, cache: bool = False
+) -> tuple[Tunnel, Events]:
     events = Events()
     cfg = TunnelConfig(upstreams=order, profile=profile, listen=())
+    if not cache:  # routing and failover: every query must reach an upstream
+        cfg = dataclasses.replace(cfg, cache=None)
     t = Tunnel(cfg, events=events, upstream_factory=lambda *a: cast(Upstream, MemUpstream(*a)))
     return t, events
 
