@@ -269,6 +269,17 @@ OPTIONS: tuple[Option, ...] = (
         _seconds(1, 30),
         "5",
     ),
+    Option(
+        "log_level",
+        str,
+        "info",
+        Scope.GLOBAL,
+        "What the daemon logs: debug, info (its decisions: probe results, order changes), "
+        "warning (what needs attention) or error. -v on the command line shows more, "
+        "`dnstls-agent log-level` changes it until the next reload.",
+        _one_of("debug", "info", "warning", "error"),
+        '"debug"',
+    ),
     # -- the tunnel's cache ----------------------------------------------------------------------
     Option(
         "cache",
@@ -584,6 +595,7 @@ class Config:
     max_parallel_probes: int = 8
     idle_timeout: float = 60.0
     query_timeout: float = 5.0
+    log_level: str = "info"
     split_dns: bool = False
     cache: bool = True
     cache_size: int = 10000

@@ -1,7 +1,9 @@
 """The control socket: a Unix stream socket, one JSON request per line, one JSON answer.
 
-Commands: status, notify (the dispatcher hook), reprobe, portal-allow, flush-caches. The socket is
-created mode 0660 in the runtime directory (0750): its group is the gate for `status`.
+Commands: status, notify (the dispatcher hook), reprobe, portal-allow, flush-caches, log-level
+(the daemon's log level until the next reload: {"command": "log-level", "level": "debug"},
+answered with the old and the new level). The socket is created mode 0660 in the runtime
+directory (0750): its group is the gate for `status`.
 The others change what the agent does (portal-allow lets cleartext DNS through under
 strict), so the server checks who asks, from the credentials the kernel took at
 connect (SO_PEERCRED, SO_PEERGROUPS): root, the daemon's own user, or a member of
@@ -38,7 +40,7 @@ SOCKET_NAME = "control.sock"
 # Who may change what the agent does; not created by the packages (groupadd it).
 ADMIN_GROUP = "dnstls-agent-admin"
 OPEN_COMMANDS = frozenset({"status"})  # anyone who can connect
-ADMIN_COMMANDS = frozenset({"notify", "reprobe", "portal-allow", "flush-caches"})
+ADMIN_COMMANDS = frozenset({"notify", "reprobe", "portal-allow", "flush-caches", "log-level"})
 
 MAX_CLIENTS = 64  # connections at once; the unit's LimitNOFILE= leaves room for them
 MAX_PER_USER = 16  # of which one uid may hold: one user cannot starve root's hook

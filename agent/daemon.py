@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import config as configmod
-from agent import sdnotify, sysconf
+from agent import logsetup, sdnotify, sysconf
 from agent.config import Config
 from agent.control import SOCKET_NAME, ControlServer, request_number, request_text
 from agent.engine import Engine
@@ -74,6 +74,7 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.cfg
+        logsetup.configure(cfg.log_level)
         self.tunnel = Tunnel(
             TunnelConfig(
                 upstreams=(),
@@ -111,7 +112,7 @@ class Daemon:
                 self._spawn(LeaseWatcher(cfg.lease_dirs, engine.on_leases).run(), "lease watcher")
             self._signals()
             await asyncio.wait_for(engine.ready.wait(), 30)
-            self._point_stub()
+            await self._point_stub()
             sdnotify.notify("READY=1")
             LOG.info("ready: %s", engine.plan.reason if engine.plan else "")
             self._spawn(self._status_loop(), "status")
@@ -195,18 +196,25 @@ class Daemon:
             if not self._refresh_again or self.stopping.is_set():
                 return
 
-    def _point_stub(self) -> None:
+    async def _point_stub(self) -> None:
         """As root (run by hand), the daemon points the stub itself and puts it back at
         stop. Under the systemd unit it runs unprivileged: ExecStartPost=+ and
-        ExecStopPost=+ do it as root."""
+        ExecStopPost=+ do it as root. In a thread, as every refresh: the backends wait on
+        D-Bus and files (NetworkManager's reload took 0.6 s in the lab), and the loop
+        serves queries and times probes meanwhile."""
         if not self.cfg.manage_stub or os.geteuid() != 0:
             return
-        backend = sysconf.choose(self.cfg.stub_backend, nm_bus=self.cfg.nm_bus or None)
+        nm_bus = self.cfg.nm_bus or None
+        backend = await asyncio.to_thread(sysconf.choose, self.cfg.stub_backend, nm_bus=nm_bus)
         # a backend that would leave a cleartext window under strict: refused, the daemon stops
-        sysconf.check_backend(backend, self.cfg.profiles(), nm_bus=self.cfg.nm_bus or None)
+        await asyncio.to_thread(sysconf.check_backend, backend, self.cfg.profiles(), nm_bus=nm_bus)
         try:
-            said = sysconf.apply(
-                Path(self.cfg.stub_state_dir), backend, [self.cfg.listen[0][0]], self._search()
+            said = await asyncio.to_thread(
+                sysconf.apply,
+                Path(self.cfg.stub_state_dir),
+                backend,
+                [self.cfg.listen[0][0]],
+                self._search(),
             )
             LOG.info("%s", said)
             self.stub_applied = True
@@ -243,8 +251,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, self._log_status)
 
     def _log_status(self) -> None:
+        """SIGUSR1: what it knows and does, asked for: information, not a warning."""
         if self.engine is not None:
-            LOG.warning("status: %s", json.dumps(self.engine.status()))
+            LOG.info("status: %s", json.dumps(self.engine.status()))
 
     def reload(self) -> None:
         """SIGHUP. Whatever goes wrong loading the file, the reload is refused (the old
@@ -265,6 +274,7 @@ class Daemon:
             ):
                 LOG.warning("listen, state_dir and runtime_dir change only on restart")
             self.cfg = cfg
+            logsetup.configure(cfg.log_level, announce=True)  # a run-time log-level ends here
             assert self.engine is not None
             self.engine.reload(cfg)
             LOG.info("configuration reloaded from %s", ", ".join(cfg.files) or "defaults")
@@ -302,6 +312,9 @@ class Daemon:
         if command == "flush-caches":
             assert self.tunnel is not None
             return {"ok": True, "flushed": self.tunnel.flush_cache("asked by flush-caches")}
+        if command == "log-level":  # until the next reload or restart (then log_level's)
+            old, new = logsetup.set_level(request_text(request, "level", max_len=16))
+            return {"ok": True, "old": old, "new": new}
         raise UsageError(f"unknown command {command!r}")
 
     async def stop(self) -> None:

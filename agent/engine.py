@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
+from agent import logsetup, messageids
 from agent.config import Config
 from agent.errors import UsageError
 from agent.model import (
@@ -376,10 +377,13 @@ class Engine:
         new = {(w.alert, w.ifname, w.address) for w in warnings}
         raised = [w for w in warnings if (w.alert, w.ifname, w.address) not in old]
         cleared = [w for w in self.warnings if (w.alert, w.ifname, w.address) not in new]
+        profile = self.plan.profile if self.plan else None
         for w in raised:
-            LOG.warning("%s: %s", w.alert, w.text)
+            LOG.warning("%s: %s", w.alert, w.text, extra=_journal(w, profile, cleared=False))
         for w in cleared:
-            LOG.info("no longer %s: %s", w.alert, w.ifname)
+            LOG.info(
+                "no longer %s: %s", w.alert, w.ifname, extra=_journal(w, profile, cleared=True)
+            )
         self.warnings = warnings
         if (raised or cleared) and self.on_warnings is not None:
             self.on_warnings(raised, cleared)
@@ -479,6 +483,17 @@ class Engine:
             "interfaces": out_links,
             "tunnel": self.tunnel.status(),
         }
+
+
+def _journal(w: Warning, profile: Profile | None, *, cleared: bool) -> dict[str, Any]:
+    """A warning's journal fields (logsetup): its MESSAGE_ID, and where it applies."""
+    return logsetup.fields(
+        messageids.ALERT_CLEARED if cleared else messageids.ALERT_RAISED[w.alert],
+        ALERT=w.alert.value,
+        INTERFACE=w.ifname,
+        RESOLVER=w.address,
+        PROFILE=profile.value if profile else None,
+    )
 
 
 def _designation(d: Designation) -> str:

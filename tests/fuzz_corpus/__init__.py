@@ -50,6 +50,8 @@ MODULES = (
     "tests.unit.test_fuzz_state",
     "tests.unit.test_fuzz_stub",
     "tests.unit.test_fuzz_control",
+    "tests.unit.test_fuzz_dnr",
+    "tests.unit.test_fuzz_ddr",
 )
 HANG_SECONDS = 2.0  # one example, in the unit tier and when a case is replayed
 

@@ -251,7 +251,9 @@ def test_daemon_follows_the_networks_domains(lab: NMLab, tmp_path: Path) -> None
         'stub_backend = "networkmanager"\n',
         manage_stub=True,
     )
-    agent_.wait(lambda s: s["search"] == [DOMAIN], 20, "seeing the network's domain")
+    agent_.wait(  # status answers while the stub is being pointed (in a thread): both, then
+        lambda s: s["search"] == [DOMAIN] and s["stub"]["refreshed"], 20, "pointing the stub"
+    )
     resolv = lab.resolv_conf()
     assert nameservers(resolv) == [TUNNEL] and search(resolv) == [DOMAIN]
 

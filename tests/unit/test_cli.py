@@ -1,4 +1,4 @@
-"""agent/cli.py: argument errors, table and JSON output, exit status (against a peer process)."""
+"""agent/cli/: argument errors, table and JSON output, exit status (against a peer process)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """man/: the pages against what they document, so that they cannot drift.
 
 dnstls-agent.toml(5) against agent/config.py's OPTIONS (section by scope, type, default,
-example), dnstls-agent(8) against agent/cli.py's parser (every subcommand, option,
+example), dnstls-agent(8) against agent/cli/'s parser (every subcommand, option,
 choice and default; exit statuses), dnstls-agent-dispatcher(8) against the hook's
 actions; and `mandoc -T lint` on every page.
 """
@@ -34,7 +34,7 @@ SECTION_OF = {
     Scope.MATCH: "MATCH OPTIONS",
 }
 # Documented before the code has it: the service's ExecStopPost= runs it (being added
-# to agent/cli.py). Once the parser has it, it is checked like every other command.
+# to agent/cli/). Once the parser has it, it is checked like every other command.
 AHEAD_OF_CODE = {"restore"}
 
 
