@@ -119,7 +119,7 @@ def test_debian_and_rpm_install_the_same_things() -> None:
         assert page.replace("dnstls-agent", "%{name}") in spec, page
     units = sorted(f"packaging/systemd/{u.name}" for u in UNIT.parent.iterdir())
     for shipped in ("dispatcher.d/90-dnstls-agent", "packaging/agent.toml", *units):
-        assert shipped in install
+        assert shipped in install or shipped in (DEBIAN / "rules").read_text(), shipped
         assert shipped.replace("dnstls-agent", "%{name}") in spec
     # Debian's dhclient-script sources dhclient-enter-hooks.d/; Fedora's reads one file of
     # the administrator's (/etc/dhcp/dhclient-enter-hooks), and Fedora dropped ISC dhclient.
@@ -168,11 +168,12 @@ def test_unit_verifies(tmp_path: Path) -> None:
         "rpm/check-spec",
         "debian/rules",
         "debian/dnstls-agent.postrm",
+        "debian/dnstls-agent.prerm",
     ],
 )
 def test_scripts_are_executable_and_parse(script: str) -> None:
     path = PKG / script
-    if path.name == "dnstls-agent.postrm":  # dpkg makes maintainer scripts executable
+    if path.name.startswith("dnstls-agent.p"):  # dpkg makes maintainer scripts executable
         assert path.read_text().startswith("#!/bin/sh\n")
         shell = "sh"
     else:
