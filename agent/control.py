@@ -1,9 +1,14 @@
 """The control socket: a Unix stream socket, one JSON request per line, one JSON answer.
 
-Commands: status, notify (the dispatcher hook), reprobe, portal-allow, flush-caches, log-level
-(the daemon's log level until the next reload: {"command": "log-level", "level": "debug"},
-answered with the old and the new level). The socket is created mode 0660 in the runtime
-directory (0750): its group is the gate for `status`.
+Commands: status, statistics (the counters), notify (the dispatcher hook), reprobe,
+portal-allow, flush-caches, statistics-reset, log-level (the daemon's log level until the
+next reload: {"command": "log-level", "level": "debug"}, answered with the old and the new
+level). The socket is created mode 0660 in the runtime directory (0750): its group is the
+gate for `status` and `statistics`. `query` ({"command": "query", "name": ..., "type": ...})
+is open like them: it asks one question through the tunnel and says which upstream answered
+and how, no more than anyone on the machine learns by asking the tunnel's address itself
+(`dig @127.0.0.153`). Its handler answers when the tunnel does (a coroutine, awaited), at the
+latest at the tunnel's query deadline.
 The others change what the agent does (portal-allow lets cleartext DNS through under
 strict), so the server checks who asks, from the credentials the kernel took at
 connect (SO_PEERCRED, SO_PEERGROUPS): root, the daemon's own user, or a member of
@@ -23,7 +28,7 @@ import platform
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,8 +44,10 @@ LOG = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 # Who may change what the agent does; not created by the packages (groupadd it).
 ADMIN_GROUP = "dnstls-agent-admin"
-OPEN_COMMANDS = frozenset({"status"})  # anyone who can connect
-ADMIN_COMMANDS = frozenset({"notify", "reprobe", "portal-allow", "flush-caches", "log-level"})
+OPEN_COMMANDS = frozenset({"status", "statistics", "query"})  # anyone who can connect
+ADMIN_COMMANDS = frozenset(
+    {"notify", "reprobe", "portal-allow", "flush-caches", "log-level", "statistics-reset"}
+)
 
 MAX_CLIENTS = 64  # connections at once; the unit's LimitNOFILE= leaves room for them
 MAX_PER_USER = 16  # of which one uid may hold: one user cannot starve root's hook
@@ -57,7 +64,7 @@ _SO_PEERGROUPS: int | None = getattr(socket, "SO_PEERGROUPS", None)
 if _SO_PEERGROUPS is None and not platform.machine().startswith(("parisc", "sparc")):
     _SO_PEERGROUPS = 59
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
 class _Sock(Protocol):  # a socket, or the TransportSocket asyncio hands out
@@ -66,6 +73,10 @@ class _Sock(Protocol):  # a socket, or the TransportSocket asyncio hands out
 
 class ControlError(AgentError):
     """The agent could not be asked (not running, busy, bad answer)."""
+
+
+class AgentNotRunning(ControlError):
+    """Nothing answers on the socket: it is absent, or nobody listens on it."""
 
 
 class RequestRefused(ControlError, UsageError):
@@ -288,7 +299,8 @@ class ControlServer:
                     f"refused: {command} needs root or the group {self.admin_group}, "
                     f"which uid {peer.uid} is not in",
                 )
-            return self.handler(request)
+            answer = self.handler(request)  # or a coroutine: query waits for the tunnel
+            return answer if isinstance(answer, dict) else await answer
         except UsageError as exc:
             return _error(BAD_REQUEST, f"bad request: {exc}")
         except AgentError as exc:
@@ -359,9 +371,9 @@ def ask(path: Path, request: dict[str, Any], timeout: float = 3.0) -> dict[str, 
                     break
                 data += chunk
         except FileNotFoundError:
-            raise ControlError(f"the agent is not running (no {path})") from None
+            raise AgentNotRunning(f"the agent is not running (no {path})") from None
         except ConnectionRefusedError:
-            raise ControlError(f"the agent is not running ({path} refuses)") from None
+            raise AgentNotRunning(f"the agent is not running ({path} refuses)") from None
         except PermissionError:
             raise RequestRefused(
                 f"no permission to talk to the agent at {path} (not in its group)"

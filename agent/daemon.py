@@ -14,11 +14,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+from agent import commands, logsetup, sdnotify, sysconf
 from agent import config as configmod
-from agent import logsetup, sdnotify, sysconf
 from agent.config import Config
 from agent.control import SOCKET_NAME, ControlServer, request_number, request_text
 from agent.engine import Engine
@@ -291,9 +292,10 @@ class Daemon:
                 sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(min(interval or 5.0, 5.0))
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, request: dict[str, Any]) -> dict[str, Any] | Awaitable[dict[str, Any]]:
         """One control request, its caller already allowed (ControlServer); a bad field is a
-        UsageError, which the server answers as a bad request."""
+        UsageError, which the server answers as a bad request. `query` answers later (a
+        coroutine, its request validated first)."""
         engine = self.engine
         assert engine is not None
         command = request.get("command")
@@ -315,6 +317,16 @@ class Daemon:
         if command == "log-level":  # until the next reload or restart (then log_level's)
             old, new = logsetup.set_level(request_text(request, "level", max_len=16))
             return {"ok": True, "old": old, "new": new}
+        assert self.tunnel is not None
+        if command == "statistics":
+            return {"ok": True, "statistics": commands.statistics(engine, self.tunnel)}
+        if command == "statistics-reset":  # the counters as they ended, and since when they ran
+            ended = commands.statistics(engine, self.tunnel)
+            now = time.time()
+            commands.reset_statistics(engine, self.tunnel, now)
+            return {"ok": True, "statistics": ended, "since": now}
+        if command == "query":
+            return commands.query(engine, self.tunnel, *commands.query_question(request))
         raise UsageError(f"unknown command {command!r}")
 
     async def stop(self) -> None:

@@ -150,7 +150,8 @@ class Engine:
         self._dirty = asyncio.Event()
         self._limit = asyncio.Semaphore(config.max_parallel_probes)
         self._save_due = False
-        self.decisions = 0
+        self.decisions = 0  # counters for `statistics`, since the start or reset_counters()
+        self.probes_run = 0
         self.cache_networks: frozenset[str] | None = None  # what the tunnel's cache was filled on
 
     def machine_links(self) -> list[Link]:
@@ -401,6 +402,7 @@ class Engine:
     async def _probe(self, req: ProbeRequest) -> None:
         async with self._limit:
             result = await self.prober(req.address, req.settings)
+        self.probes_run += 1
         link = next((x for x in self.machine_links() if x.network_id == req.network), None)
         s = settings_for(self.config, link) if link else self.config.defaults
         previous = self.state.knowledge.get((req.network, req.address))
@@ -415,6 +417,12 @@ class Engine:
         LOG.info("%s on %s: %s%s (%s)", req.address, req.ifname, result.method, auth,
                  "; ".join(f"{p}: {w}" for p, w in result.failures.items()) or "ok")  # fmt: skip
         self.poke(f"probe of {req.address} done")
+
+    def counters(self) -> dict[str, int]:
+        return {"probes": self.probes_run, "decisions": self.decisions}
+
+    def reset_counters(self) -> None:
+        self.probes_run = self.decisions = 0
 
     def save(self) -> None:
         self._save_due = False

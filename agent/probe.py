@@ -22,7 +22,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from agent.ddr import discover
 from agent.dns import wire
@@ -474,14 +474,20 @@ async def probe(address: str, settings: ProbeSettings | None = None) -> ProbeRes
 
 
 async def probe_many(
-    addresses: Iterable[str], settings: ProbeSettings | None = None
+    addresses: Iterable[str],
+    settings: ProbeSettings | None = None,
+    on_result: Callable[[ProbeResult], None] | None = None,
 ) -> list[ProbeResult]:
-    """Probe resolvers concurrently (bounded); results in the order given."""
+    """Probe resolvers concurrently (bounded); each result handed to `on_result` as soon as
+    it is decided (the command prints it then); all of them in the order given at the end."""
     limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
 
     async def one(address: str) -> ProbeResult:
         async with limit:
-            return await probe(address, settings)
+            result = await probe(address, settings)
+        if on_result is not None:
+            on_result(result)
+        return result
 
     return list(await asyncio.gather(*(one(a) for a in addresses)))
 

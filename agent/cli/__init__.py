@@ -10,8 +10,10 @@ One module per group of commands, each with one job:
     tunnel.py   tunnel
     daemon.py   run
     stub.py     restore, stub
-    control.py  status, reprobe, flush-caches, portal, notifications, notify: the commands
-                that talk to the running agent, and format_status
+    control.py  status, reprobe, flush-caches, log-level, portal, notifications, notify: the
+                commands that talk to the running agent, and format_status
+    statistics.py  statistics: the running agent's counters, and format_statistics
+    query.py    query: one question through the running tunnel, and who answered it
     config.py   config check
 
 Adding a command:
@@ -30,8 +32,11 @@ Adding a command:
    `p.add_subparsers(dest="name_command", metavar="ACTION", required=True,
    parser_class=common.Parser)`.
 4. `cmd_name` returns an exit status from common (EXIT_OK, ...) or raises UsageError
-   (status 2) or another AgentError (status 3), which main() prints as one line. It prints
-   its own output (text, or JSON with --json): the rest of the agent never prints.
+   (status 2) or another AgentError (status 3), which main() prints as one line (with
+   --json, as {"ok": false, "error": ..., "exit": N} on stdout: common.fail, which a
+   command also calls for an error it reports itself). It prints its own output (text, or
+   JSON with --json): the rest of the agent never prints. A command that prints takes
+   --json.
 5. Import at a module's top only what is cheap (agent.config, agent.control, agent.model,
    agent.errors); everything else through lazy (`lazy.asyncio.run(...)`), so that the
    small commands start fast and small.
@@ -46,13 +51,12 @@ binds its name in this package, so `config` here is always agent.cli.config.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__, logsetup
 from agent import config as agent_config
-from agent.cli import config, control, daemon, probe, stub, tunnel
+from agent.cli import config, control, daemon, probe, query, statistics, stub, tunnel
 from agent.cli.common import (
     EXIT_BAD_REQUEST,
     EXIT_FAILURE,
@@ -60,6 +64,7 @@ from agent.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     Parser,
+    fail,
 )
 from agent.cli.control import format_status
 from agent.cli.probe import format_table
@@ -78,7 +83,8 @@ __all__ = [
     "main",
 ]
 
-GROUPS = (probe, tunnel, daemon, stub, control, config)  # each adds its commands, in order
+# each adds its commands, in order
+GROUPS = (probe, tunnel, daemon, stub, control, statistics, query, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,11 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logsetup.setup(args.verbose)  # the journal under systemd, else plain lines on stderr
     try:
         return int(args.func(args))
-    except UsageError as exc:
-        print(f"dnstls-agent: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except UsageError as exc:  # one line on stderr; with --json, JSON on stdout (common.fail)
+        return fail(args, str(exc), EXIT_USAGE)
     except AgentError as exc:
-        print(f"dnstls-agent: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return fail(args, str(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return 130

@@ -10,6 +10,8 @@ the command's own, call its `add_*` function at that point instead.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -52,7 +54,18 @@ def add_socket(p: argparse.ArgumentParser) -> None:
 
 
 def add_json(p: argparse.ArgumentParser, help: str = "print JSON") -> None:
+    """--json: the output as JSON on stdout, errors too (see fail)."""
     p.add_argument("--json", action="store_true", help=help)
+
+
+def fail(args: argparse.Namespace, error: str, status: int, **extra: object) -> int:
+    """An error as the command reports it: one line on stderr, or with --json a JSON object
+    on stdout ({"ok": false, "error": ..., "exit": status} and `extra`); returns `status`."""
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": error, **extra, "exit": status}))
+    else:
+        print(f"dnstls-agent: {error}", file=sys.stderr)
+    return status
 
 
 def add_profile(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def add(sub: common.Sub) -> None:
         "what is wrong.",
     )
     check.add_argument("file", nargs="?", type=Path, default=None, metavar="FILE")
+    common.add_json(check, help="print JSON: the files, or every problem")
     check.set_defaults(func=cmd_config_check)
 
 
@@ -31,9 +33,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     try:
         cfg = config.load(args.file or args.config or config.DEFAULT_FILE, missing_ok=False)
     except config.ConfigError as exc:
+        if args.json:
+            problems = [str(p) for p in exc.problems]
+            n = len(problems)
+            error = f"the configuration has {n} problem{'s' * (n != 1)}"
+            return common.fail(args, error, EXIT_USAGE, problems=problems)
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
     rules = len(cfg.interfaces)
+    if args.json:
+        print(json.dumps({"ok": True, "files": list(cfg.files), "interfaces": rules}))
+        return EXIT_OK
     print(f"{', '.join(cfg.files)}: valid ({rules} interface section{'s' * (rules != 1)})")
     return EXIT_OK

@@ -1,7 +1,8 @@
 """The commands that talk to the running agent over its control socket, and their output.
 
 status, reprobe, flush-caches, log-level, portal allow, notifications and notify: each asks the
-agent (agent.control.ask) at common.socket_path(args) and prints its answer.
+agent (agent.control.ask) at common.socket_path(args) and prints its answer (with --json, the
+answer as JSON: status its status, the others the agent's answer as it came).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from agent import control
 from agent.cli import common, lazy, values
-from agent.cli.common import EXIT_OK, Parser
+from agent.cli.common import EXIT_FAILURE, EXIT_OK, Parser
 
 LOG = logging.getLogger(__name__)
 
@@ -28,13 +29,13 @@ def add(sub: common.Sub) -> None:
     st = sub.add_parser("status", help=text, description=text, parents=[socket_json])
     st.set_defaults(func=cmd_status)
     text = "ask the running agent to probe every resolver again now"
-    rp = sub.add_parser("reprobe", help=text, description=text, parents=[socket])
+    rp = sub.add_parser("reprobe", help=text, description=text, parents=[socket_json])
     rp.set_defaults(func=cmd_reprobe)
     text = "empty the tunnel's cache of answers"
-    fc = sub.add_parser("flush-caches", help=text, description=text, parents=[socket])
+    fc = sub.add_parser("flush-caches", help=text, description=text, parents=[socket_json])
     fc.set_defaults(func=cmd_flush_caches)
     text = "change the running daemon's log level until the next reload or restart"
-    ll = sub.add_parser("log-level", help=text, description=text, parents=[socket])
+    ll = sub.add_parser("log-level", help=text, description=text, parents=[socket_json])
     ll.add_argument("level", metavar="LEVEL", choices=["debug", "info", "warning", "error"])
     ll.set_defaults(func=cmd_log_level)
     pt = sub.add_parser(
@@ -57,6 +58,7 @@ def add(sub: common.Sub) -> None:
         help="at most N minutes (default %(default)s)",
     )
     common.add_socket(pa)  # after --minutes, as it always was
+    common.add_json(pa)
     pa.set_defaults(func=cmd_portal_allow)
     nt = sub.add_parser(
         "notifications",
@@ -88,7 +90,11 @@ def add(sub: common.Sub) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    answer = control.ask(common.socket_path(args), {"command": "status"})
+    path = common.socket_path(args)
+    try:
+        answer = control.ask(path, {"command": "status"})
+    except control.AgentNotRunning as exc:  # as main() says it, and in JSON whether it runs
+        return common.fail(args, str(exc), EXIT_FAILURE, running=False, socket=str(path))
     if args.json:
         print(json.dumps(answer["status"], indent=2))
     else:
@@ -97,18 +103,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reprobe(args: argparse.Namespace) -> int:
-    control.ask(common.socket_path(args), {"command": "reprobe"})
+    answer = control.ask(common.socket_path(args), {"command": "reprobe"})
+    if args.json:
+        print(json.dumps(answer))
     return EXIT_OK
 
 
 def cmd_log_level(args: argparse.Namespace) -> int:
     answer = control.ask(common.socket_path(args), {"command": "log-level", "level": args.level})
+    if args.json:
+        print(json.dumps(answer))
+        return EXIT_OK
     print(f"log level {answer.get('old')} -> {answer.get('new')}")
     return EXIT_OK
 
 
 def cmd_flush_caches(args: argparse.Namespace) -> int:
     answer = control.ask(common.socket_path(args), {"command": "flush-caches"})
+    if args.json:
+        print(json.dumps(answer))
+        return EXIT_OK
     print(f"{answer.get('flushed', 0)} answer(s) dropped from the cache")
     return EXIT_OK
 
@@ -116,6 +130,9 @@ def cmd_flush_caches(args: argparse.Namespace) -> int:
 def cmd_portal_allow(args: argparse.Namespace) -> int:
     request = {"command": "portal-allow", "minutes": args.minutes}
     answer = control.ask(common.socket_path(args), request)
+    if args.json:
+        print(json.dumps(answer))
+        return EXIT_OK
     until = time.strftime("%H:%M:%S", time.localtime(answer["until"]))
     print(f"captive portal: cleartext DNS allowed for the login until {until}, "
           "or until connectivity is full")  # fmt: skip
@@ -130,13 +147,23 @@ def cmd_notifications(args: argparse.Namespace) -> int:
 async def _relay_warnings(path: Path, interval: float, *, once: bool) -> int:
     notifier = lazy.notifications.DesktopNotifier()
     shown: set[tuple[str, str]] = set()
+    away: str | None = None  # why the agent could not be asked, said once until that changes
     try:
         while True:
             try:
                 answer = await lazy.asyncio.to_thread(control.ask, path, {"command": "status"})
             except control.ControlError as exc:
-                LOG.info("%s", exc)  # the agent is away: look again later
+                if str(exc) != away:  # the agent is away: said once, looked for again later
+                    again = "" if once else f"; looking again every {interval:g} s"
+                    print(f"dnstls-agent: cannot reach the agent: {exc}{again}", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                away = str(exc)
                 answer = {"status": {"warnings": []}}
+            else:
+                if away is not None:
+                    print(f"dnstls-agent: the agent answers again on {path}", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                away = None
             now = {(w["alert"], w["text"]) for w in answer["status"].get("warnings", [])}
             for alert, text in sorted(now - shown):
                 if not await notifier.notify(alert, text):

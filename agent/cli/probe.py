@@ -1,4 +1,9 @@
-"""`probe`: DNS over TLS probes of given resolvers, printed as a table or JSON."""
+"""`probe`: DNS over TLS probes of given resolvers, printed as a table or JSON.
+
+The table is printed as it fills: its header first, then each resolver's row (and the lines
+that explain it) as soon as that resolver is decided, in fixed-width columns; what was not
+private, and the exit status, at the end. JSON is one document, at the end.
+"""
 
 from __future__ import annotations
 
@@ -99,11 +104,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
         check_resumption=not args.no_resumption,
         ddr=not args.no_ddr,
     )
-    results = lazy.asyncio.run(lazy.probe.probe_many(args.addresses, settings))
     if args.json:
+        results = lazy.asyncio.run(lazy.probe.probe_many(args.addresses, settings))
         print(json.dumps([r.to_json() for r in results], indent=2))
     else:
-        print(format_table(results))
+        width = _resolver_width(args.addresses)
+        print(format_header(width), flush=True)
+
+        def show(r: ProbeResult) -> None:
+            print("\n".join(format_rows(r, width)), flush=True)
+
+        results = lazy.asyncio.run(lazy.probe.probe_many(args.addresses, settings, show))
+        summary = format_summary(results)
+        if summary:
+            print("\n".join(summary))
     return EXIT_OK if all(r.acceptable for r in results) else EXIT_NOT_PRIVATE
 
 
@@ -115,48 +129,74 @@ def _yn(v: bool | None) -> str:
     return "-" if v is None else ("yes" if v else "no")
 
 
-def format_table(results: Sequence[ProbeResult]) -> str:
-    header = (
-        "RESOLVER",
-        "METHOD",
-        "AUTH",
-        "CONNECT",
-        "HANDSHAKE",
-        "ANSWER",
-        "DECIDED",
-        "TLS",
-        "RESUMES",
-        "UDP-TO",
-        "PIN",
-    )
-    rows = [header]
-    for r in results:
-        rows.append(
-            (
-                r.address,
-                r.method.value,
-                r.auth.value if r.auth else "-",
-                _ms(r.timings.connect_ms),
-                _ms(r.timings.handshake_ms),
-                _ms(r.timings.answer_ms),
-                _ms(r.decided_ms),
-                r.tls.version if r.tls else "-",
-                _yn(r.resumption),
-                _yn(r.udp_to_hint),
-                r.tls.pin if r.tls else "-",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+# The columns after RESOLVER, each as wide as its widest value ("unreachable", "ip-san",
+# "99999.9ms", "TLSv1.3"): fixed, so that rows printed as they come stay aligned. PIN,
+# the last, is not padded.
+COLUMNS = (
+    ("METHOD", 11),
+    ("AUTH", 6),
+    ("CONNECT", 9),
+    ("HANDSHAKE", 9),
+    ("ANSWER", 9),
+    ("DECIDED", 9),
+    ("TLS", 7),
+    ("RESUMES", 7),
+    ("UDP-TO", 6),
+    ("PIN", 0),
+)
+
+
+def _resolver_width(addresses: Sequence[str]) -> int:
+    return max([len("RESOLVER"), *map(len, addresses)])
+
+
+def _line(cells: Sequence[str], width: int) -> str:
+    widths = [width, *(w for _, w in COLUMNS)]
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def format_header(width: int) -> str:
+    """The table's header; `width`: the RESOLVER column's (the longest address)."""
+    return _line(["RESOLVER", *(name for name, _ in COLUMNS)], width)
+
+
+def format_rows(r: ProbeResult, width: int) -> list[str]:
+    """One resolver's row, then what it designated (DDR) and why each failed path failed."""
+    cells = [
+        r.address,
+        r.method.value,
+        r.auth.value if r.auth else "-",
+        _ms(r.timings.connect_ms),
+        _ms(r.timings.handshake_ms),
+        _ms(r.timings.answer_ms),
+        _ms(r.decided_ms),
+        r.tls.version if r.tls else "-",
+        _yn(r.resumption),
+        _yn(r.udp_to_hint),
+        r.tls.pin if r.tls else "-",
     ]
+    lines = [_line(cells, width)]
+    lines.extend(f"  {r.address} DDR: {line}" for line in _ddr_lines(r))
+    lines.extend(f"  {r.address} {path}: {why}" for path, why in r.failures.items())
+    return lines
+
+
+def format_summary(results: Sequence[ProbeResult]) -> list[str]:
+    """The resolvers without a private path, in the order given (the exit status's why)."""
+    return [
+        f"  {r.address}: no private path acceptable under the {r.profile} profile"
+        for r in results
+        if not r.acceptable
+    ]
+
+
+def format_table(results: Sequence[ProbeResult]) -> str:
+    """The whole table at once, as `probe` prints it row by row."""
+    width = _resolver_width([r.address for r in results])
+    lines = [format_header(width)]
     for r in results:
-        lines.extend(f"  {r.address} DDR: {line}" for line in _ddr_lines(r))
-        for path, why in r.failures.items():
-            lines.append(f"  {r.address} {path}: {why}")
-        if not r.acceptable:
-            lines.append(f"  {r.address}: no private path acceptable under the {r.profile} profile")
-    return "\n".join(lines)
+        lines.extend(format_rows(r, width))
+    return "\n".join([*lines, *format_summary(results)])
 
 
 def _ddr_lines(r: ProbeResult) -> list[str]:

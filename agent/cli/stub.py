@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 from agent import config
@@ -31,6 +30,7 @@ def add(sub: common.Sub) -> None:
         "pointed at the tunnel when systemd starts the daemon again (a restart job, a crash "
         "or watchdog kill under Restart=always): no DNS meanwhile rather than cleartext",
     )
+    common.add_json(rs, help="print JSON")
     rs.set_defaults(func=cmd_restore)
     st = sub.add_parser(
         "stub",
@@ -62,6 +62,7 @@ def add(sub: common.Sub) -> None:
         help="the lease in dhclient-script's environment (new_domain_name_servers, ...): "
         "kept for restore, never written as the system's nameservers while the stub is pointed",
     )
+    common.add_json(st, help="print JSON")
     st.set_defaults(func=cmd_stub)
 
 
@@ -70,30 +71,37 @@ def cmd_stub(args: argparse.Namespace) -> int:
     address = cfg.listen[0][0]
     state, runtime = Path(cfg.stub_state_dir), Path(cfg.runtime_dir)
     if args.dhclient:  # before manage_stub: without a journal, dhclient's own job is done
-        print(lazy.sysconf.dhclient_lease(state, os.environ, [address], _asked_search(runtime)))
-        return EXIT_OK
+        said = lazy.sysconf.dhclient_lease(state, os.environ, [address], _asked_search(runtime))
+        return _said(args, said)
     backend = lazy.sysconf.choose(cfg.stub_backend, nm_bus=cfg.nm_bus or None)
     if args.show:
         journal = lazy.sysconf.journal_of(state)
+        if args.json:
+            print(json.dumps({"ok": True, "backend": backend.name, "describe": backend.describe(),
+                              "tunnel": address, "journal": journal or None}))  # fmt: skip
+            return EXIT_OK
         print(f"backend: {backend.name} ({backend.describe()}); tunnel: {address}")
         print(f"journal: {json.dumps(journal) if journal else 'empty (nothing changed)'}")
         return EXIT_OK
     if not cfg.manage_stub:
-        print("manage_stub = false: the system stub is left alone")
-        return EXIT_OK
+        return _said(args, "manage_stub = false: the system stub is left alone")
     if args.refresh:
         try:
             asked = lazy.request.read(runtime)
         except lazy.request.RequestError as exc:  # the daemon's request is hostile ground
-            print(f"dnstls-agent: the daemon's request is not usable, nothing changed: {exc}",
-                  file=sys.stderr)  # fmt: skip
-            return EXIT_BAD_REQUEST
+            error = f"the daemon's request is not usable, nothing changed: {exc}"
+            return common.fail(args, error, EXIT_BAD_REQUEST)
         search = asked.search if asked is not None else None
-        print(lazy.sysconf.refresh(state, [address], search, nm_bus=cfg.nm_bus or None))
-        return EXIT_OK
+        said = lazy.sysconf.refresh(state, [address], search, nm_bus=cfg.nm_bus or None)
+        return _said(args, said)
     # refused (StubRefused, a UsageError: status 2) before anything changes
     lazy.sysconf.check_backend(backend, cfg.profiles(), nm_bus=cfg.nm_bus or None)
-    print(lazy.sysconf.apply(state, backend, [address], _asked_search(runtime)))
+    return _said(args, lazy.sysconf.apply(state, backend, [address], _asked_search(runtime)))
+
+
+def _said(args: argparse.Namespace, message: str, **extra: str) -> int:
+    """What was done, as a line, or with --json as {"ok": true, "message": ...} (and extra)."""
+    print(json.dumps({"ok": True, "message": message, **extra}) if args.json else message)
     return EXIT_OK
 
 
@@ -113,11 +121,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
         cfg = config.load(args.config)
     except config.ConfigError:
         cfg = config.Config()  # a broken file must not stop a restore
+    why: dict[str, str] = {}
     if args.unless_restarting:
         at_stop = lazy.privacy.at_stop(cfg.profiles(), lazy.privacy.stop_facts(os.environ))
         if at_stop.keep:
-            print(f"the system stub is left pointed at the tunnel: {at_stop.reason}")
-            return EXIT_OK
-        print(f"restoring the system stub: {at_stop.reason}")
-    print(lazy.sysconf.restore(Path(cfg.stub_state_dir)))
-    return EXIT_OK
+            said = f"the system stub is left pointed at the tunnel: {at_stop.reason}"
+            return _said(args, said, reason=at_stop.reason)
+        why["reason"] = at_stop.reason
+        if not args.json:
+            print(f"restoring the system stub: {at_stop.reason}")
+    return _said(args, lazy.sysconf.restore(Path(cfg.stub_state_dir)), **why)

@@ -52,6 +52,7 @@ class QueryInfo:
     payload: int  # the client's UDP payload size (512 without EDNS)
     padded: bool  # the client padded the query itself
     signed: bool  # carries TSIG or SIG(0): must not be modified
+    compressed: bool = False  # the question's name holds a compression pointer
 
     @property
     def edns(self) -> bool:
@@ -60,17 +61,24 @@ class QueryInfo:
 
 def skip_name(buf: bytes, pos: int) -> int:
     """Offset just past the (possibly compressed) name starting at `pos`."""
+    end, _compressed = _name_end(buf, pos)
+    return end
+
+
+def _name_end(buf: bytes, pos: int) -> tuple[int, bool]:
+    """Offset just past the name at `pos`, and whether it ended in a compression pointer
+    (the cache keys only questions whose name has none: `QueryInfo.compressed`)."""
     end = len(buf)
     for _ in range(MAX_LABELS):
         if pos >= end:
             raise PacketError("name runs past the end of the message", FORMERR)
         length = buf[pos]
         if length == 0:
-            return pos + 1
+            return pos + 1, False
         if length & 0xC0 == 0xC0:
             if pos + 2 > end:
                 raise PacketError("truncated compression pointer", FORMERR)
-            return pos + 2
+            return pos + 2, True
         if length & 0xC0:
             raise PacketError("unknown label type", FORMERR)
         pos += 1 + length
@@ -100,7 +108,8 @@ def parse_query(buf: bytes) -> QueryInfo:
         raise PacketError(f"opcode {(flags & OPCODE_MASK) >> 11} is not forwarded", NOTIMP)
     if qd != 1:
         raise PacketError(f"{qd} questions; exactly one is supported", FORMERR)
-    pos = skip_name(buf, 12) + 4
+    pos, compressed = _name_end(buf, 12)
+    pos += 4
     if pos > len(buf):
         raise PacketError("truncated question", FORMERR)
     question_end = pos
@@ -124,7 +133,7 @@ def parse_query(buf: bytes) -> QueryInfo:
             signed = True
     if pos != len(buf):
         raise PacketError(f"{len(buf) - pos} bytes of trailing garbage", FORMERR)
-    return QueryInfo(question_end, opt_start, opt_end, payload, padded, signed)
+    return QueryInfo(question_end, opt_start, opt_end, payload, padded, signed, compressed)
 
 
 def _has_option(buf: bytes, pos: int, end: int, code: int) -> bool:
@@ -174,57 +183,34 @@ def pad_query(buf: bytes, info: QueryInfo, block: int = PAD_BLOCK) -> tuple[byte
     return buf[:10] + struct.pack("!H", ar + 1) + buf[12:] + opt, True
 
 
-def strip_opt(buf: bytes) -> bytes:
-    """Remove the OPT record from a response (for a client that sent no EDNS)."""
+def strip_opt(buf: bytes, question_end: int = 0) -> bytes:
+    """Remove the OPT record from a response (for a client that sent no EDNS).
+    `question_end`: where its one question ends, when the caller knows (the query's, whose
+    question the response's was found to be: `question_matches`). Every answer to a client
+    without EDNS comes here: the walk is inlined (owners are mostly pointers)."""
     _id, _flags, qd, an, ns, ar = HEADER.unpack_from(buf)
     pos = 12
-    for _ in range(qd):
-        pos = skip_name(buf, pos) + 4
-    for _ in range(an + ns):
-        pos = _skip_rr(buf, pos)[3]
-    for _ in range(ar):
-        start = pos
-        rtype, _c, _r, pos = _skip_rr(buf, pos)
-        if rtype == TYPE_OPT:
-            return buf[:10] + struct.pack("!H", ar - 1) + buf[12:start] + buf[pos:]
-    return buf
-
-
-def drop_padding(buf: bytes) -> bytes:
-    """The response without its Padding option (RFC 7830), for a client that did not pad its
-    query: padding is for encrypted transports (RFC 7830 section 6), and the tunnel's
-    clients are not on one. Unchanged when there is none (or the bytes are not walkable)."""
-    try:
-        _id, _flags, qd, an, ns, ar = HEADER.unpack_from(buf)
-        pos = 12
+    if qd == 1 and question_end:
+        pos = question_end
+    else:
         for _ in range(qd):
             pos = skip_name(buf, pos) + 4
-        for _ in range(an + ns):
-            pos = _skip_rr(buf, pos)[3]
-        for _ in range(ar):
-            rtype, _c, rdata, end = _skip_rr(buf, pos)
-            if rtype == TYPE_OPT:
-                return _without_padding(buf, rdata, end)
-            pos = end
-    except (PacketError, struct.error):
-        return buf
-    return buf
-
-
-def _without_padding(buf: bytes, rdata: int, end: int) -> bytes:
-    options = []
-    pos, found = rdata, False
-    while pos + 4 <= end:
-        code, length = struct.unpack_from("!HH", buf, pos)
-        if code == OPTION_PADDING:
-            found = True
+    n, records = len(buf), an + ns
+    for i in range(records + ar):
+        start = pos
+        if pos < n and buf[pos] & 0xC0 == 0xC0:
+            pos += 2
         else:
-            options.append(buf[pos : pos + 4 + length])
-        pos += 4 + length
-    if not found or pos != end:
-        return buf
-    kept = b"".join(options)
-    return buf[: rdata - 2] + struct.pack("!H", len(kept)) + kept + buf[end:]
+            pos = skip_name(buf, pos)
+        if pos + 10 > n:
+            raise PacketError("truncated resource record", FORMERR)
+        end = pos + 10 + ((buf[pos + 8] << 8) | buf[pos + 9])
+        if end > n:
+            raise PacketError("resource record data runs past the end", FORMERR)
+        if i >= records and buf[pos] == 0 and buf[pos + 1] == TYPE_OPT:
+            return buf[:10] + struct.pack("!H", ar - 1) + buf[12:start] + buf[end:]
+        pos = end
+    return buf
 
 
 def _reply(query: bytes, info: QueryInfo, flags: int) -> bytes:

@@ -32,9 +32,7 @@ from agent.dns.packet import (
     TYPE_OPT,
     TYPE_SIG,
     TYPE_TSIG,
-    PacketError,
     QueryInfo,
-    _skip_rr,
 )
 
 LOG = logging.getLogger(__name__)
@@ -46,7 +44,7 @@ CLASS_IN = 1
 ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR: several messages, never a cacheable answer
 # EDNS options that make an answer one client's: a client subnet (RFC 7871: answers are
 # tailored to it) and a cookie (RFC 7873: a client discards an answer with another's)
-OPTION_ECS, OPTION_COOKIE = 8, 10
+OPTION_ECS, OPTION_COOKIE, OPTION_PADDING = 8, 10, 12
 PREFETCH_HITS = 2  # hits (this one included) that make an entry popular
 PREFETCH_LEFT = 0.1  # ... when less than this share of its lifetime is left
 PREFETCH_MIN_LIFETIME = 10
@@ -141,6 +139,38 @@ def _per_client(buf: bytes, pos: int, end: int) -> bool:
     return False
 
 
+def _without_padding(buf: bytearray, rdata: int) -> bytearray:
+    """The answer without the Padding option of its OPT record, the message's last record
+    (the upstream padded it for TLS, RFC 8467; kept, it would cost the cache memory: a
+    resolver pads to 468-byte blocks). Unchanged when there is none."""
+    options = bytearray()
+    pos, end, found = rdata, len(buf), False
+    while pos + 4 <= end:
+        code = (buf[pos] << 8) | buf[pos + 1]
+        length = (buf[pos + 2] << 8) | buf[pos + 3]
+        if code == OPTION_PADDING:
+            found = True
+        else:
+            options += buf[pos : pos + 4 + length]
+        pos += 4 + length
+    if not found or pos != end:
+        return buf
+    return buf[: rdata - 2] + struct.pack("!H", len(options)) + options
+
+
+def _owner_end(buf: bytes, pos: int) -> int:
+    """Offset past the owner name at `pos` (labels, maybe ending in a pointer); -1 if it is
+    not a name. IndexError when cut short."""
+    for _ in range(128):
+        label = buf[pos]
+        if label == 0:
+            return pos + 1
+        if label & 0xC0:
+            return pos + 2 if label & 0xC0 == 0xC0 else -1
+        pos += 1 + label
+    return -1
+
+
 def _clamp(ttl: int, low: int, high: int) -> int:
     return min(max(ttl, low), high)
 
@@ -165,20 +195,14 @@ class Cache:
         client that asked with AD (glibc's trust-ad, OpenSSH's SSHFP check) relies on it.
         `query` must be one `parse_query` accepted (`info` is its result).
         """
-        if info.signed or query[6] or query[7] or query[8] or query[9]:
+        if info.signed or info.compressed or query[6] or query[7] or query[8] or query[9]:
             return None
         qe = info.question_end
         if query[qe - 2] or query[qe - 1] != CLASS_IN:
             return None
         if not query[qe - 4] and query[qe - 3] in ZONE_TRANSFERS:
             return None
-        pos, end = 12, qe - 5  # the root label of an uncompressed name
-        while pos < end:
-            if query[pos] & 0xC0:
-                return None
-            pos += query[pos] + 1
-        if pos != end:
-            return None
+        end = qe - 5  # the root label of the (uncompressed) name
         flags = (query[2] & K_RD) | (query[3] & (K_AD | K_CD))
         opt = info.opt_start
         if opt >= 0:
@@ -188,14 +212,19 @@ class Cache:
             if end_opt - opt > 11 and _per_client(query, opt + 11, end_opt):
                 return None
             flags |= K_EDNS | (query[opt + 7] & K_DO)
-        return bytes((flags,)) + query[12:end].lower() + query[end:qe] + scope.encode()
+        key = bytes((flags,)) + query[12:end].lower() + query[end:qe]
+        return key + scope.encode() if scope else key
 
     # -- storing -------------------------------------------------------------------------
-    def put(self, key: bytes, response: bytes, now: float, *, private: bool) -> bool:
-        """Keep `response` (the answer as a client of `key`'s kind gets it) if cacheable."""
+    def put(self, key: bytes, response: bytes, now: float, *, private: bool, qend: int = 0) -> bool:
+        """Keep `response` (the answer as a client of `key`'s kind gets it) if cacheable.
+        Every answer from an upstream comes here: the walk is inlined, and stops as soon as
+        the answer cannot be kept (a TTL of 0, the commonest), so that a miss costs the
+        tunnel little (bench/tunnel_throughput.py). `qend`: where the question ends, when
+        the caller found it the key's own (the tunnel: `question_matches`)."""
         try:
-            parsed = self._parse(key, response)
-        except PacketError:
+            parsed = self._parse(key, response, qend)
+        except IndexError:  # cut short: a record runs past the end
             parsed = None
         if parsed is None:
             self.stats.not_cacheable += 1
@@ -219,55 +248,88 @@ class Cache:
             self.stats.evictions += 1
         return True
 
-    def _parse(self, key: bytes, response: bytes) -> tuple[bytes, tuple[int, ...], int, int] | None:
-        """(wire with clamped TTLs, TTL offsets, question end, lifetime) or None."""
-        n = len(response)
+    def _parse(
+        self, key: bytes, response: bytes, known_qend: int = 0
+    ) -> tuple[bytes, tuple[int, ...], int, int] | None:
+        """(wire with clamped TTLs, TTL offsets, question end, lifetime) or None. IndexError
+        for a record cut short (`put` catches it)."""
+        r = response
+        n = len(r)
         if n < 12 or n > 0xFFFF:  # offsets are 16 bits, as in any DNS message
             return None
-        _id, flags, qd, an, ns, ar = HEADER.unpack_from(response)
+        _id, flags, qd, an, ns, ar = HEADER.unpack_from(r)
         if flags & (QR | TC | OPCODE_MASK) != QR or qd != 1:
             return None
         rcode = flags & RCODE_MASK
         if rcode not in (0, NXDOMAIN):
             return None
-        qend = _plain_name_end(response, 12) + 4
-        if qend < 16 or qend > n:
-            return None
-        # the question is the key's (both names uncompressed, so equal bytes: same name)
-        if response[12 : qend - 4].lower() + response[qend - 4 : qend] != key[1 : qend - 11]:
-            return None
+        if known_qend:
+            qend = known_qend
+            if qend > n:
+                return None
+        else:
+            qend = _plain_name_end(r, 12) + 4
+            if qend < 16 or qend > n:
+                return None
+            # the question is the key's (both names uncompressed, so equal bytes: same name)
+            if r[12 : qend - 4].lower() + r[qend - 4 : qend] != key[1 : qend - 11]:
+                return None
+        s = self.settings
+        positive = rcode == 0 and an > 0
+        # a record with TTL 0 makes the lifetime 0: nothing to keep (unless min_ttl lifts a
+        # positive one)
+        zero_kills = not positive or s.min_ttl == 0
         offs: list[int] = []
         ttls: list[int] = []
         soa = -1  # RFC 2308: min(SOA TTL, SOA MINIMUM) of the authority section's SOA
-        opt_seen = False
+        opt_rdata = -1
         pos = qend
-        for i in range(an + ns + ar):
+        answers_end = an + ns
+        for i in range(answers_end + ar):
             start = pos
-            rtype, _rclass, rdata, pos = _skip_rr(response, pos)
-            ttl_at = rdata - 6
+            if r[pos] & 0xC0 == 0xC0:  # the usual owner: a pointer (to the question)
+                pos += 2
+            elif (pos := _owner_end(r, pos)) < 0:
+                return None
+            rtype = (r[pos] << 8) | r[pos + 1]
+            ttl_at = pos + 4
+            rdata = pos + 10
+            pos = rdata + ((r[pos + 8] << 8) | r[pos + 9])
+            if rdata > n or pos > n:
+                return None
             if rtype == TYPE_OPT:
-                if i < an + ns or opt_seen or response[start]:
+                if i < answers_end or opt_rdata >= 0 or r[start]:
                     return None
-                opt_seen = True
-                if response[ttl_at] or _per_client(response, rdata, pos):
+                if r[ttl_at] or _per_client(r, rdata, pos):
                     return None  # an extended RCODE (BADVERS, ...), or one client's answer
+                opt_rdata = rdata
                 continue
-            if rtype == TYPE_TSIG or (rtype == TYPE_SIG and i >= an + ns):
+            if rtype == TYPE_TSIG or (rtype == TYPE_SIG and i >= answers_end):
                 return None  # a signature over this one message
-            ttl = U32.unpack_from(response, ttl_at)[0]
+            ttl = (r[ttl_at] << 24) | (r[ttl_at + 1] << 16) | (r[ttl_at + 2] << 8) | r[ttl_at + 3]
             if ttl & 0x80000000:  # RFC 2181 8: read as zero
                 ttl = 0
-            if rtype == TYPE_SOA and an <= i < an + ns:
+            if rtype == TYPE_SOA and an <= i < answers_end:
                 if pos - rdata < 22:
                     return None
-                ttl = min(ttl, U32.unpack_from(response, pos - 4)[0] & 0x7FFFFFFF)
+                ttl = min(ttl, U32.unpack_from(r, pos - 4)[0] & 0x7FFFFFFF)
                 soa = ttl if soa < 0 else min(soa, ttl)
+            if ttl == 0 and zero_kills:
+                return None
             offs.append(ttl_at)
             ttls.append(ttl)
         if pos != n or not ttls:
             return None
+        return self._kept(r, offs, ttls, positive, soa, opt_rdata, qend)
+
+    def _kept(
+        self, r: bytes, offs: list[int], ttls: list[int], positive: bool, soa: int,
+        opt_rdata: int, qend: int,
+    ) -> tuple[bytes, tuple[int, ...], int, int] | None:  # fmt: skip
+        """The TTLs clamped (positive) or capped (RFC 2308: negative), written in; the
+        upstream's padding taken out."""
         s = self.settings
-        if rcode == 0 and an:
+        if positive:
             ttls = [_clamp(t, s.min_ttl, s.max_ttl) for t in ttls]
         else:  # NXDOMAIN or NODATA
             if soa < 0:
@@ -277,24 +339,26 @@ class Cache:
         lifetime = min(ttls)
         if lifetime <= 0:
             return None
-        buf = bytearray(response)
+        buf = bytearray(r)
         for off, ttl in zip(offs, ttls, strict=True):
             U32.pack_into(buf, off, ttl)
+        if opt_rdata >= 0 and (not offs or offs[-1] < opt_rdata):  # the OPT comes last
+            buf = _without_padding(buf, opt_rdata)
         return bytes(buf), tuple(offs), qend, lifetime
 
     # -- serving -------------------------------------------------------------------------
     def _render(self, e: _Entry, query: bytes, age: int, stale_ttl: int) -> bytes:
         """The stored wire with the query's ID and question, TTLs counted down by `age`
         (or all `stale_ttl` when that is >= 0)."""
-        wire = e.wire
+        wire, offs = e.wire, e.offs
         buf = bytearray(wire)
         buf[0:2] = query[0:2]
         buf[12 : e.qend] = query[12 : e.qend]
         if stale_ttl >= 0:
-            for off in e.offs:
+            for off in offs:
                 U32.pack_into(buf, off, stale_ttl)
         elif age > 0:
-            for off in e.offs:
+            for off in offs:
                 ttl = U32.unpack_from(wire, off)[0] - age
                 U32.pack_into(buf, off, ttl if ttl > 0 else 0)
         return bytes(buf)
@@ -364,6 +428,10 @@ class Cache:
         self._bytes = 0
         self.stats.flushes += 1
         return n
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the statistics command's --reset); the answers stay."""
+        self.stats = CacheStats()
 
     def drop_cleartext(self) -> int:
         """Drop the entries learnt over cleartext (the profile no longer allows it)."""

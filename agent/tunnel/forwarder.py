@@ -38,7 +38,7 @@ LOG = logging.getLogger(__name__)
 
 TICK = 0.1  # seconds between sweeps of deadlines, idle and silent connections
 
-__all__ = ["Mode", "Tunnel", "check_upstreams"]
+__all__ = ["Answered", "Mode", "Tunnel", "check_upstreams"]
 
 
 def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
@@ -52,6 +52,45 @@ def check_upstreams(specs: Sequence[UpstreamSpec], profile: Profile) -> None:
             raise UsageError(
                 f"upstream {s} is cleartext; the {profile} profile never sends cleartext"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class Answered:
+    """What `Tunnel.resolve` gives back: the answer, where it came from, how long it took."""
+
+    wire: bytes
+    upstream: UpstreamSpec | None  # None: the tunnel's cache, or the tunnel's own SERVFAIL
+    from_cache: bool
+    seconds: float
+
+
+class _Asker:
+    """The sink of one query the tunnel asks on the user's behalf (`dnstls-agent query`).
+    Where the answer came from is told to this sink only: an ordinary client's sink costs
+    the tunnel one isinstance() per upstream answer, nothing on a cache hit."""
+
+    udp = False  # the whole answer, as a TCP client gets it
+
+    def __init__(self, future: asyncio.Future[Answered]) -> None:
+        self.future = future
+        self.upstream: UpstreamSpec | None = None
+        self.from_cache = True  # what no path says otherwise of: the cache hit's
+        self.started = time.monotonic()
+
+    def admit(self, addr: Any) -> bool:
+        return True
+
+    def deliver(self, wire: bytes, addr: Any) -> None:
+        if not self.future.done():  # its asker may have gone
+            seconds = time.monotonic() - self.started
+            self.future.set_result(Answered(wire, self.upstream, self.from_cache, seconds))
+
+    def done(self, addr: Any) -> None:
+        pass
+
+    def made_here(self) -> None:
+        """The answer is the tunnel's own (SERVFAIL, REFUSED): neither cache nor upstream."""
+        self.from_cache = False
 
 
 UpstreamFactory = Callable[[UpstreamSpec, int, AuthSpec, TunnelConfig, UpstreamEvents], Upstream]
@@ -256,6 +295,8 @@ class Tunnel:
                 return
         if self.pending >= self.cfg.max_pending or not sink.admit(addr):
             stats.dropped_limit += 1
+            if isinstance(sink, _Asker):
+                sink.made_here()
             if not sink.udp:  # TCP clients wait for an answer; UDP ones just retry
                 sink.deliver(packet.error_reply(wire, info, packet.REFUSED), addr)
             return
@@ -264,6 +305,16 @@ class Tunnel:
         self.pending += 1
         self._order.append(p)
         self.route(p, now)
+
+    def resolve(self, wire: bytes) -> asyncio.Future[Answered]:
+        """Ask `wire` as a client would (`dnstls-agent query`): the same cache, routes, order,
+        failover, padding and deadline, counted once in the clients' statistics. The future
+        always completes: with the answer, or the tunnel's SERVFAIL at the deadline (or at
+        stop). A query the tunnel would not forward raises PacketError."""
+        packet.parse_query(wire)  # a client's malformed query may go unanswered; this one not
+        fut: asyncio.Future[Answered] = self.loop.create_future()
+        self.on_query(wire, _Asker(fut), None)
+        return fut
 
     def _reply(
         self, query: bytes, wire: bytes, sink: Sink, addr: Any, info: packet.QueryInfo
@@ -372,14 +423,16 @@ class Tunnel:
         resp = p.query[:2] + frame[2:]
         if p.strip:
             try:
-                resp = packet.strip_opt(resp)
+                resp = packet.strip_opt(resp, p.info.question_end)
             except PacketError:
                 self.servfail(p)
                 return
-        elif p.padded is not None and not p.info.padded:
-            resp = packet.drop_padding(resp)  # padded by us, for TLS: not for the client
         if p.key is not None and self.cache is not None:
-            self.cache.put(p.key, resp, self.loop.time(), private=up.spec.private)
+            self.cache.put(
+                p.key, resp, self.loop.time(), private=up.spec.private, qend=p.info.question_end
+            )
+        if isinstance(p.sink, _Asker):  # `dnstls-agent query` asks who answered
+            p.sink.upstream, p.sink.from_cache = up.spec, False
         if p.sink.udp and len(resp) > packet.udp_limit(p.info):
             resp = packet.truncated_reply(p.query, p.info, resp)
             self.stats.truncated += 1
@@ -400,6 +453,8 @@ class Tunnel:
                     stale = packet.truncated_reply(p.query, p.info, stale)
                 self._finish(p, stale)
                 return
+        if isinstance(p.sink, _Asker):
+            p.sink.made_here()
         self.stats.servfail += 1
         self._finish(p, packet.error_reply(p.query, p.info, packet.SERVFAIL))
 
@@ -497,6 +552,15 @@ class Tunnel:
                 for u in self.upstreams
             ],
         }
+
+    def reset_stats(self, now: float) -> None:
+        """Every counter to zero, counting from `now` (wall clock); the cache keeps its
+        answers."""
+        self.stats.reset(now)
+        if self.cache is not None:
+            self.cache.reset_stats()
+        for up in self.upstreams:
+            up.stats.reset(now)
 
     def upstream(self, spec: UpstreamSpec) -> Upstream | None:
         return next((u for u in self.upstreams if u.spec == spec), None)

@@ -1,9 +1,14 @@
-"""Counters and latency percentiles the status command shows, per upstream."""
+"""Counters and latency percentiles the status and statistics commands show, per upstream.
+
+Each set of counters knows since when it counts (`since`, wall clock): its making, or the
+last `reset()` (the statistics command's --reset).
+"""
 
 from __future__ import annotations
 
 import array
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 WINDOW = 4096  # latencies kept for percentiles
@@ -24,8 +29,18 @@ class UpstreamStats:
     tc_retries: int = 0  # UDP only: truncated answers asked again over TCP
     tc_retry_failures: int = 0  # ... where TCP did not answer (the client got TC or SERVFAIL)
     liveness_probes: int = 0  # queries of our own on a quiet connection with queries out
+    since: float = field(default_factory=time.time)  # counting since (wall clock)
     _lat: array.array[float] = field(default_factory=lambda: array.array("d"))
     _next: int = 0
+
+    def reset(self, now: float | None = None) -> None:
+        """Every counter to zero and the latencies forgotten, but `connections`: it tells a
+        reconnect from the first connection (the upstream counts reconnects by it)."""
+        for f in fields(self):
+            if isinstance(f.default, int) and f.name != "connections":
+                setattr(self, f.name, f.default)
+        self._lat = array.array("d")
+        self.since = time.time() if now is None else now
 
     def latency(self, seconds: float) -> None:
         if len(self._lat) < WINDOW:
@@ -61,6 +76,13 @@ class TunnelStats:
     cleartext: int = 0  # sent in cleartext (opportunistic fallback only)
     tcp_clients: int = 0
     tcp_refused: int = 0
+    since: float = field(default_factory=time.time)  # counting since (wall clock)
+
+    def reset(self, now: float | None = None) -> None:
+        for f in fields(self):
+            if isinstance(f.default, int):
+                setattr(self, f.name, f.default)
+        self.since = time.time() if now is None else now
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -25,6 +25,13 @@ NAME = "www.example.test."
 ZONE = "example.test."
 
 
+def stored(c: Cache, key: bytes, wire: bytes, now: float, *, private: bool) -> bool:
+    """Whether the cache keeps the answer (put's word for it, and the entry there)."""
+    kept = c.put(key, wire, now, private=private)
+    assert kept == (key in c._entries)
+    return kept
+
+
 def query(name: str = NAME, rdtype: str = "A", qid: int = 1, **kw: Any) -> tuple[bytes, QueryInfo]:
     m = dns.message.make_query(name, rdtype, **kw)
     m.id = qid
@@ -84,7 +91,7 @@ def put(c: Cache, wire: bytes, now: float = 0.0, *, private: bool = True, **kw: 
     qwire, info = query(**kw)
     key = c.key(qwire, info, "")
     assert key is not None
-    assert c.put(key, wire, now, private=private)
+    assert stored(c, key, wire, now, private=private)
     return key
 
 
@@ -147,7 +154,7 @@ def test_a_zero_ttl_is_not_cached(ttl: int) -> None:
     struct.pack_into("!I", wire, len(wire) - 10, ttl)  # the A record's TTL
     key = c.key(qwire, info, "")
     assert key is not None
-    assert not c.put(key, bytes(wire), 0.0, private=True)
+    assert not stored(c, key, bytes(wire), 0.0, private=True)
     assert c.stats.not_cacheable == 1 and len(c) == 0
 
 
@@ -200,8 +207,8 @@ def test_negative_answer_without_soa_is_not_cached(rcode: dns.rcode.Rcode) -> No
     key = c.key(qwire, info, "")
     assert key is not None
     ns = rrset(ZONE, 300, "NS", "ns.example.test.")
-    assert not c.put(key, response(qwire, authority=[ns], rcode=rcode), 0.0, private=True)
-    assert c.stats.not_cacheable == 1 and c.stats.inserts == 0
+    assert not stored(c, key, response(qwire, authority=[ns], rcode=rcode), 0.0, private=True)
+    assert c.stats.not_cacheable == 1 and len(c) == 0
 
 
 # -- what is never cached --------------------------------------------------------------------
@@ -252,9 +259,9 @@ def test_not_cached(make: Any) -> None:
     qwire, info = query(use_edns=0)
     key = c.key(qwire, info, "")
     assert key is not None
-    assert not c.put(key, make(qwire), 0.0, private=True)
+    assert not stored(c, key, make(qwire), 0.0, private=True)
     assert len(c) == 0 and c.bytes_used == 0
-    assert c.stats.not_cacheable == 1 and c.stats.inserts == 0
+    assert c.stats.not_cacheable == 1 and len(c) == 0
     assert c.get(key, qwire, info, 0.0, cleartext_ok=True) is None
 
 
@@ -264,7 +271,7 @@ def test_a_good_answer_to_that_query_is_cached() -> None:
     qwire, info = query(use_edns=0)
     key = c.key(qwire, info, "")
     assert key is not None
-    assert c.put(key, a_answer(qwire), 0.0, private=True)
+    assert stored(c, key, a_answer(qwire), 0.0, private=True)
     assert c.get(key, qwire, info, 0.0, cleartext_ok=True) is not None
 
 
@@ -360,7 +367,7 @@ def test_scope_separates() -> None:
     qwire, info = query()
     k_lan, k_none = c.key(qwire, info, "lan"), c.key(qwire, info, "")
     assert k_lan is not None and k_none is not None
-    assert c.put(k_lan, a_answer(qwire), 0.0, private=True)
+    assert stored(c, k_lan, a_answer(qwire), 0.0, private=True)
     assert c.get(k_none, qwire, info, 0.0, cleartext_ok=True) is None
     assert c.get(k_lan, qwire, info, 0.0, cleartext_ok=True) is not None
 
@@ -407,9 +414,9 @@ def test_one_clients_answers_are_not_cached(option: dns.edns.Option) -> None:
     r = dns.message.make_response(dns.message.from_wire(qwire))
     r.use_edns(0, 0, 1232, options=[option])
     r.answer.append(rrset(NAME, 300))
-    assert not c.put(key, r.to_wire(), 0.0, private=True)
+    assert not stored(c, key, r.to_wire(), 0.0, private=True)
     r.use_edns(0, 0, 1232, options=[dns.edns.GenericOption(cast(Any, 65001), b"x")])
-    assert c.put(key, r.to_wire(), 0.0, private=True)  # the control
+    assert stored(c, key, r.to_wire(), 0.0, private=True)  # the control
 
 
 # -- privacy ---------------------------------------------------------------------------------
@@ -494,7 +501,7 @@ def test_an_entry_larger_than_max_bytes_is_not_stored() -> None:
     qwire, info = query()
     key = c.key(qwire, info, "")
     assert key is not None
-    assert not c.put(key, a_answer(qwire), 0.0, private=True)
+    assert not stored(c, key, a_answer(qwire), 0.0, private=True)
     assert len(c) == 0 and c.bytes_used == 0 and c.stats.evictions == 0
 
 
@@ -613,7 +620,7 @@ def test_edns_less_answer_served_to_edns_less_query() -> None:
     qwire, info = query(use_edns=False)
     key = c.key(qwire, info, "")
     assert key is not None
-    assert c.put(key, a_answer(qwire), 0.0, private=True)
+    assert stored(c, key, a_answer(qwire), 0.0, private=True)
     hit = c.get(key, qwire, info, 1.0, cleartext_ok=True)
     assert hit is not None and parsed(hit.wire).edns == -1
     eqwire, einfo = query(use_edns=0)
@@ -627,3 +634,24 @@ def test_name_in_the_key_is_the_wire_name() -> None:
     k = _key(c, use_edns=False, flags=0)
     name = dns.name.from_text(NAME).to_wire()
     assert name is not None and k == b"\x00" + name + b"\x00\x01\x00\x01"
+
+
+def test_the_upstreams_padding_is_not_kept() -> None:
+    """A resolver pads its answers to a padded query (RFC 8467: 468-byte blocks): the cache
+    keeps the answer without the Padding option (the rest of its OPT record as it was)."""
+    c = Cache(CacheSettings())
+    qwire, info = query(use_edns=0, want_dnssec=True)
+    key = c.key(qwire, info, "")
+    assert key is not None
+    r = dns.message.from_wire(a_answer(qwire, 300))
+    nsid = dns.edns.GenericOption(dns.edns.OptionType.NSID, b"ns1")
+    padding = dns.edns.GenericOption(dns.edns.OptionType.PADDING, bytes(380))
+    r.use_edns(0, ednsflags=dns.flags.DO, options=[nsid, padding])
+    wire = r.to_wire()
+    assert stored(c, key, wire, 0.0, private=True)
+    hit = c.get(key, qwire, info, 1.0, cleartext_ok=True)
+    assert hit is not None and len(hit.wire) == len(wire) - 384
+    m = dns.message.from_wire(hit.wire)
+    assert [o.otype for o in m.options] == [dns.edns.OptionType.NSID]
+    assert m.ednsflags & dns.flags.DO and m.answer[0].ttl == 299
+    assert c.bytes_used == len(hit.wire) + len(key) + ENTRY_OVERHEAD

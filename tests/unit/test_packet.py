@@ -125,18 +125,3 @@ def test_question_matches() -> None:
     other = dns.message.make_response(dns.message.make_query("www.example.test", "AAAA")).to_wire()
     assert not packet.question_matches(wire, info, other)
     assert not packet.question_matches(wire, info, b"\x00")
-
-
-def test_drop_padding_removes_only_the_padding_option() -> None:
-    q = dns.message.make_query("a.test", "A", use_edns=0)
-    r = dns.message.make_response(q)
-    cookie = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, b"12345678")
-    r.use_edns(0, options=[cookie, dns.edns.GenericOption(dns.edns.OptionType.PADDING, bytes(400))])
-    wire = r.to_wire()
-    out = packet.drop_padding(wire)
-    m = dns.message.from_wire(out)
-    assert len(out) == len(wire) - 404
-    assert [o.otype for o in m.options] == [10] and m.options[0].to_wire() == b"12345678"
-    assert packet.drop_padding(out) == out  # nothing to drop: the same bytes
-    for broken in (wire[:-3], wire[:11], b""):
-        assert packet.drop_padding(broken) == broken  # not walkable: left as it is
