@@ -180,6 +180,8 @@ class Cache:
 
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
+        # a positive answer whose first record has TTL 0 is never kept (unless min_ttl)
+        self._zero_first = settings.min_ttl == 0
         self.stats = CacheStats()
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
         self._bytes = 0
@@ -216,6 +218,23 @@ class Cache:
         return key + scope.encode() if scope else key
 
     # -- storing -------------------------------------------------------------------------
+    def worth(self, r: bytes, qend: int) -> bool:
+        """Whether the answer (its question ending at `qend`) may be worth a key and a
+        `put`: not when the first answer record's TTL is 0 (the lifetime is then 0, unless
+        min_ttl lifts it). Checked first, as cheaply as possible: the tunnel asks for every
+        answer, and TTL-0 names are asked again and again."""
+        if (
+            self._zero_first
+            and len(r) >= qend + 12
+            and r[3] & RCODE_MASK == 0
+            and (r[6] or r[7])
+            and r[qend] & 0xC0 == 0xC0
+            and r[qend + 6 : qend + 10] == b"\0\0\0\0"
+        ):
+            self.stats.not_cacheable += 1
+            return False
+        return True
+
     def put(self, key: bytes, response: bytes, now: float, *, private: bool, qend: int = 0) -> bool:
         """Keep `response` (the answer as a client of `key`'s kind gets it) if cacheable.
         Every answer from an upstream comes here: the walk is inlined, and stops as soon as

@@ -37,6 +37,7 @@ from agent.tunnel.upstream import State, Upstream
 LOG = logging.getLogger(__name__)
 
 TICK = 0.1  # seconds between sweeps of deadlines, idle and silent connections
+NOT_KEPT = b""  # Pending.key: its answer is not to be kept (the cache was emptied meanwhile)
 
 __all__ = ["Answered", "Mode", "Tunnel", "check_upstreams"]
 
@@ -266,7 +267,7 @@ class Tunnel:
             return 0
         n = self.cache.flush()
         for p in self._order:  # an answer on its way from before is not stored either
-            p.key = None
+            p.key = NOT_KEPT
         LOG.info("cache emptied (%s): %d answer(s) dropped", why, n)
         return n
 
@@ -284,15 +285,19 @@ class Tunnel:
             return
         now = self.loop.time()
         scope, group = self._route_of(wire, info) if self.routes else ("", None)
-        key = None
+        key = None  # made here only when the cache has something to look in; else at the answer
         cache = self.cache
-        if cache is not None and (key := cache.key(wire, info, scope)) is not None:
-            hit = cache.get(key, wire, info, now, cleartext_ok=self.cfg.profile.allows_cleartext)
-            if hit is not None:
+        if cache is not None and len(cache):
+            key = cache.key(wire, info, scope)
+            allowed = self.cfg.profile.allows_cleartext
+            hit = cache.get(key, wire, info, now, cleartext_ok=allowed) if key else None
+            if hit is not None and key:
                 self._reply(wire, hit.wire, sink, addr, info)
                 if hit.prefetch:
                     self._prefetch(wire, info, key, group, now)
                 return
+        elif cache is not None:
+            cache.stats.misses += 1
         if self.pending >= self.cfg.max_pending or not sink.admit(addr):
             stats.dropped_limit += 1
             if isinstance(sink, _Asker):
@@ -301,7 +306,7 @@ class Tunnel:
                 sink.deliver(packet.error_reply(wire, info, packet.REFUSED), addr)
             return
         p = Pending(sink, addr, wire, info, now + self.cfg.query_timeout)
-        p.group, p.key = group, key
+        p.group, p.key, p.scope = group, key, scope
         self.pending += 1
         self._order.append(p)
         self.route(p, now)
@@ -340,7 +345,7 @@ class Tunnel:
             return
         self._prefetching.add(key)
         p = Pending(NULL_SINK, None, wire, info, now + self.cfg.query_timeout)
-        p.group, p.key = group, key
+        p.group, p.key = group, key  # the key holds the scope
         self.pending += 1
         self._order.append(p)
         self.route(p, now)
@@ -427,10 +432,12 @@ class Tunnel:
             except PacketError:
                 self.servfail(p)
                 return
-        if p.key is not None and self.cache is not None:
-            self.cache.put(
-                p.key, resp, self.loop.time(), private=up.spec.private, qend=p.info.question_end
-            )
+        cache = self.cache
+        if cache is not None and p.key != NOT_KEPT and cache.worth(resp, p.info.question_end):
+            key = p.key or cache.key(p.query, p.info, p.scope)
+            if key is not None:
+                now = self.loop.time()
+                cache.put(key, resp, now, private=up.spec.private, qend=p.info.question_end)
         if isinstance(p.sink, _Asker):  # `dnstls-agent query` asks who answered
             p.sink.upstream, p.sink.from_cache = up.spec, False
         if p.sink.udp and len(resp) > packet.udp_limit(p.info):
@@ -443,7 +450,7 @@ class Tunnel:
         if p.sink is NULL_SINK:
             self._finish(p, b"")
             return
-        if p.key is not None and self.cache is not None:
+        if p.key and self.cache is not None:
             stale = self.cache.stale(
                 p.key, p.query, p.info, self.loop.time(),
                 cleartext_ok=self.cfg.profile.allows_cleartext,

@@ -59,6 +59,7 @@ class Pending:
         "query",
         "resends",
         "retransmits",
+        "scope",
         "sent",
         "sink",
         "strip",
@@ -88,7 +89,10 @@ class Pending:
         self.conn: UpstreamConn | None = None
         self.done = False
         self.group: Sequence[Upstream] | None = None  # split DNS: only these upstreams
-        self.key: bytes | None = None  # the cache's key: the answer is stored under it
+        # the cache's key: the answer is stored under it (None: made at the answer; b"": the
+        # cache was emptied meanwhile, not stored); `scope`: the split-DNS route it went by
+        self.key: bytes | None = None
+        self.scope = ""
 
     def pad(self) -> bytes:
         """The query padded (RFC 7830, 8467), for TLS only: in cleartext, padding MUST NOT be

@@ -220,3 +220,42 @@ def test_prefetch_refreshes_a_popular_answer_on_the_tunnels_own_account() -> Non
         assert asked(t) == [0] and last(client).answer[0].ttl == 45
 
     run(go())
+
+
+def test_an_answer_with_ttl_0_is_never_given_from_the_cache() -> None:
+    async def go() -> None:
+        for min_ttl, again in ((0, [1]), (60, [0])):  # min_ttl lifts it: then it is kept
+            t, _clock = tunnel(UpstreamSpec(A), min_ttl=min_ttl)
+            client = Client()
+            ask(t, client, "zero.example.test")
+            assert answer(mem(t, 0), ttl=0) == 1
+            ask(t, client, "zero.example.test")
+            assert asked(t) == again, min_ttl
+            assert t.cache is not None
+            assert t.cache.stats.not_cacheable == (1 if min_ttl == 0 else 0)
+
+    run(go())
+
+
+def test_an_answer_is_kept_under_the_route_it_went_by_even_if_the_order_changed_meanwhile() -> None:
+    async def go() -> None:
+        vpn = UpstreamSpec(C)
+        t, _clock = tunnel(UpstreamSpec(A), vpn)
+        routes = [("corp.example", [vpn])]
+        t.set_upstreams([UpstreamSpec(A), vpn], routes=routes)
+        assert t.cache is not None
+        client = Client()
+        ask(t, client, "warm.example.test")  # the cache is not empty: keys made at the query
+        assert answer(mem(t, 0)) == 1
+        for warm in (True, False):
+            if not warm:
+                t.cache.flush()  # empty: the key is made when the answer comes
+            name = f"wiki{int(warm)}.corp.example"
+            ask(t, client, name)
+            t.set_upstreams([UpstreamSpec(A), vpn, UpstreamSpec(B)], routes=routes)  # in flight
+            assert answer(mem(t, 1)) == 1
+            ask(t, client, name)  # the route's answer, from the cache: its scope kept
+            assert asked(t) == [0, 0, 0], warm
+            t.set_upstreams([UpstreamSpec(A), vpn], routes=routes)
+
+    run(go())
