@@ -66,7 +66,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 import ssl
 from dataclasses import dataclass
 from enum import Enum
@@ -82,12 +81,9 @@ import dns.rdtypes.svcbbase
 from dns.rdtypes.svcbbase import ParamKey
 
 from agent.dns import wire
-from agent.dns.transport import Connection, family_of, os_errors
+from agent.dns.transport import Connection, udp_exchange
 from agent.errors import (
     CertificateRejected,
-    MalformedMessage,
-    MismatchedMessage,
-    Timeout,
     TransportError,
 )
 from agent.model import AuthSpec, DdrResult, Designation, ProbeSettings, Profile
@@ -132,36 +128,6 @@ def private_or_local(address: str) -> bool:
 # -- the exchange --------------------------------------------------------------------------
 
 
-async def _udp(
-    address: str, port: int, query: dns.message.Message, until: float
-) -> dns.message.Message:
-    """One question over UDP, sent again once at half time; junk and strangers' answers are
-    ignored (maybe spoofed), and the last of them named when nothing better came."""
-    loop = asyncio.get_running_loop()
-    data = query.to_wire()
-    last: TransportError = Timeout(f"no answer from {address} port {port} over UDP")
-    resend_at = [loop.time() + max(0.0, until - loop.time()) / 2]
-    with socket.socket(family_of(address), socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        with os_errors(f"UDP to {address} port {port}"):
-            await loop.sock_connect(sock, (address, port))
-            sock.send(data)
-            while True:
-                try:
-                    async with asyncio.timeout_at(min([until, *resend_at])):
-                        answer = await loop.sock_recv(sock, 65535)
-                except TimeoutError:
-                    if resend_at and loop.time() < until:
-                        resend_at.clear()
-                        sock.send(data)
-                        continue
-                    raise last from None
-                try:
-                    return wire.parse_response(answer, query)
-                except (MalformedMessage, MismatchedMessage) as exc:
-                    last = exc
-
-
 async def _tcp(
     address: str, port: int, query: dns.message.Message, until: float
 ) -> dns.message.Message:
@@ -176,7 +142,9 @@ async def _tcp(
 async def _ask(
     address: str, port: int, query: dns.message.Message, until: float
 ) -> dns.message.Message:
-    response = await _udp(address, port, query, until)
+    loop = asyncio.get_running_loop()
+    half = loop.time() + max(0.0, until - loop.time()) / 2
+    response = await udp_exchange(address, port, query, until, half)
     if response.flags & dns.flags.TC:
         LOG.debug("%s: DDR answer truncated over UDP, asking over TCP", address)
         response = await _tcp(address, port, query, until)

@@ -20,13 +20,12 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-import socket
 import ssl
 from collections.abc import Callable, Iterable
 
 from agent.ddr import discover
 from agent.dns import wire
-from agent.dns.transport import Connection, family_of, os_errors, starttls
+from agent.dns.transport import Connection, starttls, udp_exchange
 from agent.errors import (
     CertificateRejected,
     Closed,
@@ -254,42 +253,17 @@ async def _udp_hint(
 ) -> PathOutcome:
     """The STARTTLS dummy over UDP: does the server answer, and does it set TO?"""
     trace = _Trace(Path.UDP, probe_t0)
-    loop = trace.loop
     until = min(deadline, trace.t0 + settings.udp_timeout)
     query = wire.starttls_query()
-    data = query.to_wire()
-    last_error: TransportError = Timeout("no answer over UDP")
-    with socket.socket(family_of(address), socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        resend_at = [trace.t0 + settings.udp_timeout / 2]  # one retransmission
-        try:
-            with os_errors(f"UDP to {address} port {settings.dns_port}"):
-                await loop.sock_connect(sock, (address, settings.dns_port))
-                sock.send(data)
-                while True:
-                    try:
-                        async with asyncio.timeout_at(min([until, *resend_at])):
-                            answer = await loop.sock_recv(sock, 65535)
-                    except TimeoutError:
-                        if resend_at and loop.time() < until:
-                            resend_at.clear()
-                            sock.send(data)
-                            continue
-                        raise
-                    try:
-                        response = wire.parse_response(answer, query)
-                    except (MalformedMessage, MismatchedMessage) as exc:
-                        last_error = exc  # maybe spoofed or stale: keep listening
-                        continue
-                    trace.mark("answer")
-                    trace.to_in_response = wire.has_to(response)
-                    trace.rcode = wire.rcode_text(response)
-                    return trace.outcome(Method.UDP_PLAIN)
-        except Timeout:
-            err = last_error
-        except TransportError as exc:
-            err = exc
-    return trace.outcome(Method.UNREACHABLE, failure_of(err), err.detail)
+    resend_at = trace.t0 + settings.udp_timeout / 2  # one retransmission
+    try:
+        response = await udp_exchange(address, settings.dns_port, query, until, resend_at)
+    except TransportError as err:
+        return trace.outcome(Method.UNREACHABLE, failure_of(err), err.detail)
+    trace.mark("answer")
+    trace.to_in_response = wire.has_to(response)
+    trace.rcode = wire.rcode_text(response)
+    return trace.outcome(Method.UDP_PLAIN)
 
 
 async def _resumes(

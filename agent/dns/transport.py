@@ -22,6 +22,8 @@ from agent.dns.wire import FrameReader, frame, parse_response, starttls_query
 from agent.errors import (
     CertificateRejected,
     Closed,
+    MalformedMessage,
+    MismatchedMessage,
     Refused,
     Reset,
     Timeout,
@@ -224,3 +226,34 @@ async def starttls(conn: Connection, deadline: float) -> dns.message.Message:
 def _ssl_reason(exc: ssl.SSLError) -> str:
     """OpenSSL's reason code as words: WRONG_VERSION_NUMBER -> wrong version number."""
     return exc.reason.lower().replace("_", " ") if exc.reason else str(exc)
+
+
+async def udp_exchange(
+    address: str, port: int, query: dns.message.Message, until: float, resend_at: float
+) -> dns.message.Message:
+    """One question over UDP, sent once more at `resend_at` (event-loop time) if nothing
+    came by then; junk and strangers' answers are ignored (maybe spoofed or stale), and the
+    last of them is what is raised when nothing better came before `until` (else Timeout)."""
+    loop = asyncio.get_running_loop()
+    data = query.to_wire()
+    last: TransportError = Timeout(f"no answer from {address} port {port} over UDP")
+    resend = [resend_at]
+    with socket.socket(family_of(address), socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        with os_errors(f"UDP to {address} port {port}"):
+            await loop.sock_connect(sock, (address, port))
+            sock.send(data)
+            while True:
+                try:
+                    async with asyncio.timeout_at(min([until, *resend])):
+                        answer = await loop.sock_recv(sock, 65535)
+                except TimeoutError:
+                    if resend and loop.time() < until:
+                        resend.clear()
+                        sock.send(data)
+                        continue
+                    raise last from None
+                try:
+                    return parse_response(answer, query)
+                except (MalformedMessage, MismatchedMessage) as exc:
+                    last = exc
