@@ -32,6 +32,7 @@ UDP_DEFAULT = 512  # a client without EDNS
 EDNS_PAYLOAD = 1232
 MAX_MESSAGE = 65535  # the TCP length prefix's limit
 MAX_LABELS = 128
+MAX_NAME = 255  # octets of a name on the wire (RFC 1035 3.1)
 
 
 class PacketError(ValueError):
@@ -109,6 +110,8 @@ def parse_query(buf: bytes) -> QueryInfo:
     if qd != 1:
         raise PacketError(f"{qd} questions; exactly one is supported", FORMERR)
     pos, compressed = _name_end(buf, 12)
+    if pos - 12 > MAX_NAME:
+        raise PacketError(f"a name of {pos - 12} octets; at most {MAX_NAME}", FORMERR)
     pos += 4
     if pos > len(buf):
         raise PacketError("truncated question", FORMERR)

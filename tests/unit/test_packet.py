@@ -125,3 +125,16 @@ def test_question_matches() -> None:
     other = dns.message.make_response(dns.message.make_query("www.example.test", "AAAA")).to_wire()
     assert not packet.question_matches(wire, info, other)
     assert not packet.question_matches(wire, info, b"\x00")
+
+
+def test_a_question_name_over_255_octets_is_refused() -> None:
+    ok = b"\x3f" + b"a" * 63
+    name = ok * 3 + b"\x3d" + b"b" * 61 + b"\x00"  # 255 octets: the longest there is
+    assert len(name) == 255
+    query = packet.HEADER.pack(7, 0x0100, 1, 0, 0, 0) + name + b"\x00\x01\x00\x01"
+    assert packet.parse_query(query).question_end == len(query)
+    longer = ok * 3 + b"\x3e" + b"b" * 62 + b"\x00"  # 256
+    too_long = packet.HEADER.pack(7, 0x0100, 1, 0, 0, 0) + longer + b"\x00\x01\x00\x01"
+    with pytest.raises(packet.PacketError) as info:
+        packet.parse_query(too_long)
+    assert info.value.rcode == packet.FORMERR
