@@ -136,7 +136,10 @@ def wait_probed(n: Narrator, m: DemoMachine, want: set[str], timeout: float) -> 
             time.sleep(0.05)
             continue
         for r in resolvers(st):
-            if r["method"] and not r["probing"] and r["address"] not in told:
+            # learnt, and decided on: a status taken between a probe's result and the next
+            # decision still gives the reason of the decision before ("not probed yet")
+            decided = not r["reason"].startswith("not probed yet")
+            if r["method"] and not r["probing"] and decided and r["address"] not in told:
                 told.add(r["address"])
                 n.say(f"probe {r['address']}: {probed(r)}")
         if told >= want and settled(st):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -114,13 +113,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def _ask(port: int, name: str, deadline: float) -> str:
     """answered | servfail | other | late, for one query with `deadline` seconds."""
     loop = asyncio.get_running_loop()
@@ -178,12 +170,12 @@ class World:
                 directory / "peer.log", "--host", HOST, "--cert", str(cert.cert),
                 "--key", str(cert.key), "--control", str(self.control),
             )  # fmt: skip
-            self.port = free_port()
-            self.tunnel = TunnelProcess.start(
+            self.tunnel = TunnelProcess.start(  # port 0: the tunnel's own pick, never taken
                 ["--upstream", f"tls:{HOST}@{ports['tls_port']}#{PEER_NAME}", "--profile",
                  "strict", "--ca-file", str(ca.path), "--query-timeout", str(QUERY_TIMEOUT)],
-                directory / "tunnel.log", host=HOST, port=self.port,
+                directory / "tunnel.log", host=HOST, port=0,
             )  # fmt: skip
+            self.port = self.tunnel.port
         except BaseException:
             self.close()
             raise

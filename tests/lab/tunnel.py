@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -51,6 +52,10 @@ class TunnelProcess:
             proc = Process(argv, log, env={**os.environ, "PYTHONPATH": str(REPO)})
         if wait:
             proc.wait_until(lambda: "listening on" in log.read_text(), 10, "tunnel")
+            if port == 0:  # the tunnel chose (the same for UDP and TCP): its log says which
+                m = re.search(r"listening on \[\('[^']+', (\d+)\)", log.read_text())
+                assert m, log.read_text()
+                port = int(m.group(1))
         return cls(proc, host, port)
 
     def statistics(self, timeout: float = 10.0) -> dict[str, Any]:
