@@ -5,112 +5,28 @@ counters, --reset zeroes them (the cache keeps its answers) and says since when 
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import dns.message
-import dns.query
-import dns.rdatatype
 import pytest
 
-from tests.conftest import Certs, require_program, require_root
-from tests.lab.netns import REPO, Netns, new_tag
-from tests.lab.proc import Process
-from tests.lab.unbound import WWW_A, ZONE, Unbound, UnboundConfig, answers, tls_listening
+from tests.conftest import Certs
+from tests.lab.statics import BY_NAME, World, statics_world
+from tests.lab.unbound import WWW_A
 
 pytestmark = pytest.mark.system
-
-BY_NAME, BY_IP = "127.0.0.1", "127.0.0.2"  # unbound x2, on lo inside the namespace
-STUB = "127.0.0.153"
-
-
-@dataclass
-class World:
-    ns: Netns
-    dir: Path
-    config: Path
-    agent: Process
-    notify: socket.socket
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "agent", "-c", str(self.config), *args]
-        return self.ns.run(argv, check=False)
-
-    def json(self, *args: str) -> dict[str, Any]:
-        out = self.cli(*args, "--json")
-        assert out.returncode == 0, out
-        answer: dict[str, Any] = json.loads(out.stdout)
-        return answer
-
-    def told(self, what: str, wait: float) -> bool:
-        end = time.monotonic() + wait
-        while time.monotonic() < end and self.agent.alive():
-            try:
-                if self.notify.recv(4096).decode() == what:
-                    return True
-            except BlockingIOError:
-                time.sleep(0.02)
-        return False
 
 
 @pytest.fixture
 def world(certs: Certs, tmp_path: Path) -> Iterator[World]:
-    require_root()
-    for program in ("ip", "unbound"):
-        require_program(program)
-    ns = Netns(f"dta-sc-{new_tag()}")  # lo up, nothing else
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        by_ip = certs.ca.issue(tmp_path, "by-ip", ips=(BY_IP,))
-        for host, cert in ((BY_NAME, certs.no_ip), (BY_IP, by_ip)):
-            cfg = UnboundConfig(host, 53, 853, cert.cert, cert.key)
-            ub = Unbound.start(cfg, tmp_path / f"unbound-{host}", netns=ns.name)
-            ns.processes.append(ub.proc)
-
-            def ready(h: str = host) -> bool:
-                return ns.call(lambda: answers(h, 53) and tls_listening(h, 853), 5)
-
-            ub.proc.wait_until(ready, 10, f"unbound on {host}")
-        config = tmp_path / "agent.toml"
-        config.write_text(f"""
-state_dir = "{tmp_path}/state"
-stub_state_dir = "{tmp_path}/state"
-runtime_dir = "{tmp_path}/run"
-listen = ["{STUB}:53"]
-manage_stub = false  # root in a network namespace only: /etc is the host's
-nm_bus = "unix:path={tmp_path}/no-bus"
-netlink = false
-lease_dirs = []
-profile = "strict"
-ca_file = "{certs.ca.path}"
-static_resolvers = ["tls:{BY_NAME}#dns.test", "{BY_IP}"]
-""")
-        notify.bind(str(tmp_path / "notify.sock"))
-        notify.setblocking(False)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(notify.getsockname())}
-        argv = ns.argv([sys.executable, "-m", "agent", "-v", "-c", str(config), "run"])
-        agent = Process(argv, tmp_path / "agent.log", env=env)
-        ns.processes.append(agent)
-        yield World(ns, tmp_path, config, agent, notify)
-    finally:
-        ns.delete()
-        notify.close()
+    with statics_world(certs, tmp_path, "sc") as w:
+        yield w
 
 
-def ask(w: World, name: str = f"www.{ZONE}", tcp: bool = False) -> list[str]:
-    query = dns.message.make_query(name, "A")
-    send = dns.query.tcp if tcp else dns.query.udp
-    answer = w.ns.call(lambda: send(query, STUB, timeout=3), 10)
-    return [r.address for rr in answer.answer if rr.rdtype == dns.rdatatype.A for r in rr]
+def ask(w: World, tcp: bool = False) -> list[str]:
+    return w.ask(tcp=tcp)
 
 
 def test_statistics_count_reset_and_say_since_when(world: World) -> None:
